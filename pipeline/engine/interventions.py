@@ -1,0 +1,86 @@
+"""What an intervention does to the residual stream: one small pure delta function each.
+
+At hook h = blocks.L.hook_resid_post, with a = a_i(x_t) feature i's activation from the SAE
+encoder and d = W_dec[i], every position t >= 1 (never BOS) becomes x_t + delta_t:
+
+    scale(alpha):  delta = (alpha - 1) * a * d     (SAE spliced in with its error term, feature i
+                                                    scaled by alpha: alpha = 1 is the clean model,
+                                                    alpha = 0 ablates the feature)
+    clamp(v):      delta = (v - a) * d             (feature i's activation set to v everywhere)
+    add(c):        delta = c * d                   (steer along the decoder direction)
+
+`value` may be a float or a tensor broadcasting against `acts` (one value per row), and
+`direction` a [d_model] vector or one per row ([rows, 1, d_model]), so many variants are built in
+one call. Each also says where its delta is non-zero (`changes`), which is what lets the engine skip work
+exactly: rows and positions that nothing changed are the clean model's, bit for bit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from jaxtyping import Bool, Float
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class Intervention:
+    name: str
+    # delta(acts [... pos], direction [d_model], value) -> [... pos d_model], before BOS masking
+    delta_fn: Callable[[Tensor, Tensor, float], Tensor]
+    # changes(acts [... pos], value) -> bool [... pos]: where delta_fn is non-zero
+    changes_fn: Callable[[Tensor, float], Tensor]
+    identity: float | None  # the value that leaves the model untouched, if any
+
+    def delta(
+        self, acts: Float[Tensor, "*batch pos"], direction: Tensor, value: float | Tensor
+    ) -> Float[Tensor, "*batch pos d_model"]:
+        out = self.delta_fn(acts, direction, value)
+        out[..., 0, :] = 0.0  # position 0 is BOS: never intervened on
+        return out
+
+    def changes(self, acts: Float[Tensor, "*batch pos"], value: float | Tensor) -> Bool[Tensor, "*batch pos"]:
+        mask = self.changes_fn(acts, value).clone()
+        mask[..., 0] = False
+        return mask
+
+
+SCALE = Intervention(
+    name="scale",
+    delta_fn=lambda a, d, alpha: ((alpha - 1.0) * a).unsqueeze(-1) * d,
+    changes_fn=lambda a, alpha: (a != 0) & (alpha != 1.0),
+    identity=1.0,
+)
+
+CLAMP = Intervention(
+    name="clamp",
+    delta_fn=lambda a, d, v: (v - a).unsqueeze(-1) * d,
+    changes_fn=lambda a, v: a != v,
+    identity=None,
+)
+
+ADD = Intervention(
+    name="add",
+    delta_fn=lambda a, d, c: (torch.zeros_like(a) + c).unsqueeze(-1) * d,
+    changes_fn=lambda a, c: (torch.zeros_like(a) + c) != 0.0,
+    identity=0.0,
+)
+
+INTERVENTIONS: dict[str, Intervention] = {i.name: i for i in (SCALE, CLAMP, ADD)}
+
+
+def make_hook(intervention: Intervention, encode_feature: Callable[[Tensor], Tensor],
+              direction: Tensor, value: float):
+    """A TransformerLens hook applying the intervention during one forward pass.
+
+    Use with `model.hooks(fwd_hooks=[(hook_name, make_hook(...))])` or `run_with_hooks`; the engine
+    itself applies the same delta between the cached prefix and the resumed suffix instead.
+    """
+
+    def hook(resid: Tensor, hook=None) -> Tensor:  # noqa: ARG001 - TransformerLens signature
+        acts = encode_feature(resid)
+        return resid + intervention.delta(acts, direction, value).to(resid.dtype)
+
+    return hook

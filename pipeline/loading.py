@@ -1,0 +1,188 @@
+"""Load the model and its SAEs: from the Hugging Face hub (gpt2-small) or from local directories.
+
+Hub: `HookedTransformer.from_pretrained(name, **model_from_pretrained_kwargs)` with the kwargs the
+SAE release records (for gpt2-small-res-jb: center_writing_weights=True), so the residual stream
+matches what the SAEs were trained on; `SAE.from_pretrained(release, sae_id)` for each layer.
+
+Local (the toy preset, or a user's own model): a directory holding `config.json` (the keyword
+arguments of `HookedTransformerConfig`), `model.safetensors` (the HookedTransformer state dict,
+loaded as is) and `tokenizer_spec.json`; SAEs as SAE-Lens `save_model` folders read with
+`SAE.load_from_disk`. The toy preset goes through exactly this path.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from pipeline.config import Config
+from pipeline.errors import UserError
+from pipeline.resolve import LayerPlan, model_from_pretrained_kwargs, same_tensor
+
+if TYPE_CHECKING:
+    from sae_lens import SAE
+    from transformer_lens import HookedTransformer
+
+MODEL_CONFIG = "config.json"
+MODEL_WEIGHTS = "model.safetensors"
+TOKENIZER_SPEC = "tokenizer_spec.json"
+
+
+def quiet_library_warnings() -> None:
+    """TransformerLens 3.9 warns on every HookedTransformer construction and SAE-Lens on every
+    SAE with model kwargs; both are about APIs we use on purpose. Keep the output readable."""
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*model_from_pretrained_kwargs.*")
+    warnings.filterwarnings("ignore", message=".*use_error_term.*")
+    import logging
+
+    for name in ("transformer_lens", "sae_lens", "transformers", "huggingface_hub", "datasets"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` -> CUDA when present, else Apple MPS, else CPU; an explicit device must exist."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UserError(f"params.yaml: device is '{name}' but CUDA is not available here; use auto or cpu")
+        index = int(name.split(":")[1]) if ":" in name else 0
+        if index >= torch.cuda.device_count():
+            raise UserError(
+                f"params.yaml: device is '{name}' but only {torch.cuda.device_count()} CUDA device(s) exist"
+            )
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise UserError("params.yaml: device is 'mps' but Apple MPS is not available here; use auto or cpu")
+    return torch.device(name)
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+# ---------------------------------------------------------------------------------------------
+# Models
+
+
+def save_local_model(model: HookedTransformer, directory: Path, config_kwargs: dict[str, Any],
+                     tokenizer_spec: dict[str, Any]) -> None:
+    """Write a HookedTransformer in the local format `load_model` reads back."""
+    from safetensors.torch import save_file
+
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / MODEL_CONFIG).write_text(json.dumps(config_kwargs, indent=2, sort_keys=True) + "\n")
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(state, str(directory / MODEL_WEIGHTS))
+    (directory / TOKENIZER_SPEC).write_text(json.dumps(tokenizer_spec, indent=2) + "\n")
+
+
+def load_local_model(directory: str | Path, device: torch.device, dtype: torch.dtype) -> HookedTransformer:
+    from safetensors.torch import load_file
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    directory = Path(directory)
+    for name in (MODEL_CONFIG, MODEL_WEIGHTS):
+        if not (directory / name).exists():
+            raise UserError(
+                f"model directory {directory} has no {name}; for the toy preset run "
+                "`dvc repro model` (or `python -m pipeline model`) first"
+            )
+    kwargs = json.loads((directory / MODEL_CONFIG).read_text(encoding="utf-8"))
+    kwargs.update(device=str(device), dtype=dtype)
+    try:
+        cfg = HookedTransformerConfig(**kwargs)
+    except TypeError as exc:
+        raise UserError(f"{directory / MODEL_CONFIG} is not a HookedTransformerConfig: {exc}") from None
+    model = HookedTransformer(cfg, move_to_device=True)
+    state = load_file(str(directory / MODEL_WEIGHTS), device=str(device))
+    model.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()},
+                          strict=True)
+    return model
+
+
+def load_model(config: Config, device: torch.device, sae_model_kwargs: dict[str, Any] | None = None
+               ) -> HookedTransformer:
+    """The model the study runs, in eval mode with gradients off."""
+    quiet_library_warnings()
+    dtype = torch_dtype(config.dtype)
+    if config.model_is_local:
+        model = load_local_model(config.model, device, dtype)
+    else:
+        from transformer_lens import HookedTransformer
+
+        kwargs = dict(model_from_pretrained_kwargs(config))
+        if sae_model_kwargs is not None:
+            kwargs = dict(sae_model_kwargs)
+        try:
+            model = HookedTransformer.from_pretrained(config.model, device=str(device), dtype=dtype, **kwargs)
+        except (OSError, ValueError) as exc:
+            raise UserError(
+                f"could not load model '{config.model}' ({type(exc).__name__}: {str(exc)[:160]}); "
+                "run `dvc repro model` with network access, or use -S preset=toy offline"
+            ) from None
+    if model.cfg.positional_embedding_type == "shortformer":
+        raise UserError(f"model '{config.model}' uses shortformer positions; resuming mid-model is not supported")
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# SAEs
+
+
+def load_sae(config: Config, plan: LayerPlan, device: torch.device) -> SAE:
+    quiet_library_warnings()
+    from sae_lens import SAE
+
+    if config.saes_are_local:
+        path = Path(config.sae_release) / plan.sae_id
+        sae = SAE.load_from_disk(path, device=str(device), dtype=config.dtype)
+    else:
+        try:
+            sae = SAE.from_pretrained(config.sae_release, plan.sae_id, device=str(device), dtype=config.dtype)
+        except (OSError, ValueError) as exc:
+            raise UserError(
+                f"could not load SAE {config.sae_release}/{plan.sae_id} ({type(exc).__name__}: "
+                f"{str(exc)[:160]}); run `dvc repro model` with network access first"
+            ) from None
+    check_sae(sae, plan)
+    sae.eval()
+    sae.requires_grad_(False)
+    return sae
+
+
+def check_sae(sae: SAE, plan: LayerPlan) -> None:
+    """The engine applies `x + (alpha-1) a_i W_dec[i]`, which is SAE-Lens's splice only for SAEs
+    whose decoder is linear in the activations; refuse anything else with a clear reason."""
+    meta_hook = sae.cfg.metadata.hook_name
+    if meta_hook is not None and not same_tensor(meta_hook, plan.hook):
+        raise UserError(f"SAE {plan.sae_id} reads {meta_hook}, not {plan.hook}")
+    if sae.cfg.normalize_activations not in ("none", None):
+        raise UserError(
+            f"SAE {plan.sae_id} normalises its input ({sae.cfg.normalize_activations}); "
+            "only SAEs with normalize_activations 'none' are supported"
+        )
+    if sae.cfg.reshape_activations != "none":
+        raise UserError(f"SAE {plan.sae_id} reshapes its input ({sae.cfg.reshape_activations}); not supported")
+
+
+def sae_model_kwargs(saes: list[SAE]) -> dict[str, Any]:
+    """The model_from_pretrained_kwargs the SAEs record; they must agree."""
+    found = [dict(s.cfg.metadata.model_from_pretrained_kwargs or {}) for s in saes]
+    if any(f != found[0] for f in found):
+        raise UserError(f"the SAEs record different model_from_pretrained_kwargs: {found}")
+    return found[0] if found else {}

@@ -1,0 +1,230 @@
+"""Which SAE sits at which hook: the study's plan, resolved without loading any weights.
+
+For a hub release the answer comes from SAE-Lens's pretrained directory (`pretrained_saes.yaml`,
+the file `sae_lens.loading.pretrained_saes_directory.get_pretrained_saes_directory` reads). We
+read that packaged file directly, because importing `sae_lens` costs ~6 s (it imports
+TransformerLens and transformers) and `plan` and the offline check must answer in well under a
+second; `tests/test_resolve.py` checks the two readings agree for every release.
+
+TransformerLens's `blocks.L.hook_resid_post` is the same tensor as `blocks.(L+1).hook_resid_pre`,
+so a release that only has resid_pre SAEs (gpt2-small-res-jb) still covers resid_post layers
+0..10 through the next block's resid_pre SAE, and layer 11 through `blocks.11.hook_resid_post`.
+For a local directory of SAEs (one SAE-Lens `save_model` folder per hook) the hook is read from
+each folder's cfg.json.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import json
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline.config import Config
+from pipeline.errors import UserError
+
+NEURONPEDIA_SITE = "https://www.neuronpedia.org"
+
+
+@dataclass(frozen=True)
+class ReleaseInfo:
+    """One release of SAE-Lens's pretrained directory (the fields this project uses)."""
+
+    release: str
+    repo_id: str
+    model: str
+    saes_map: dict[str, str]  # sae id -> path in the repo
+    neuronpedia_id: dict[str, str | None]  # sae id -> "gpt2-small/7-res-jb"
+    config_overrides: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """Where the intervention for one layer happens and which SAE reads it."""
+
+    layer: int
+    hook: str  # the model hook we intervene at, e.g. blocks.3.hook_resid_post
+    resume_at: int  # first block to run after the hook (start_at_layer)
+    sae_release: str
+    sae_id: str  # id in the release, or folder name for a local directory
+    neuronpedia: str | None  # e.g. gpt2-small/4-res-jb
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def neuronpedia_url(self, feature: int) -> str | None:
+        if self.neuronpedia is None:
+            return None
+        return f"{NEURONPEDIA_SITE}/{self.neuronpedia}/{feature}"
+
+
+def _sae_lens_yaml() -> Path:
+    spec = importlib.util.find_spec("sae_lens")
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError("sae-lens is not installed; run: pip install -r requirements.txt")
+    return Path(list(spec.submodule_search_locations)[0]) / "pretrained_saes.yaml"
+
+
+@functools.cache
+def pretrained_directory() -> dict[str, ReleaseInfo]:
+    """SAE-Lens's pretrained SAE directory, as `get_pretrained_saes_directory` builds it."""
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    with open(_sae_lens_yaml(), encoding="utf-8") as f:
+        data = yaml.load(f, Loader=loader)
+    directory = {}
+    for release, value in data.items():
+        saes = value.get("saes", [])
+        directory[release] = ReleaseInfo(
+            release=release,
+            repo_id=value["repo_id"],
+            model=value["model"],
+            saes_map={s["id"]: str(s["path"]) for s in saes},
+            neuronpedia_id={s["id"]: s.get("neuronpedia") for s in saes},
+            config_overrides=dict(value.get("config_overrides") or {}),
+        )
+    return directory
+
+
+def hook_name(hook: str, layer: int) -> str:
+    return f"blocks.{layer}.hook_{hook}"
+
+
+def resume_index(hook: str, layer: int) -> int:
+    """The block a forward pass resumes at after intervening at this hook."""
+    return layer + 1 if hook == "resid_post" else layer
+
+
+_RESID_RE = re.compile(r"^blocks\.(\d+)\.hook_resid_(pre|post)$")
+
+
+def residual_index(name: str) -> int | None:
+    """Position of a residual hook in the stream: resid_pre L -> L, resid_post L -> L + 1."""
+    m = _RESID_RE.match(name)
+    if m is None:
+        return None
+    return int(m.group(1)) + (1 if m.group(2) == "post" else 0)
+
+
+def same_tensor(hook_a: str, hook_b: str) -> bool:
+    """Whether two TransformerLens hook names carry the same tensor."""
+    if hook_a == hook_b:
+        return True
+    ia, ib = residual_index(hook_a), residual_index(hook_b)
+    return ia is not None and ia == ib
+
+
+def equivalent_hooks(hook: str, layer: int, n_layers: int) -> list[str]:
+    """Hook names carrying the same tensor as `hook` at `layer`, the exact name first."""
+    names = [hook_name(hook, layer)]
+    if hook == "resid_post" and layer + 1 < n_layers:
+        names.append(hook_name("resid_pre", layer + 1))
+    if hook == "resid_pre" and layer >= 1:
+        names.append(hook_name("resid_post", layer - 1))
+    return names
+
+
+def local_sae_hooks(directory: str | Path) -> dict[str, str]:
+    """hook name -> folder name, for a directory of SAE-Lens `save_model` folders."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise UserError(
+            f"SAE directory {directory} does not exist; for the toy preset run `dvc repro model` "
+            "(or `python -m pipeline model`) first"
+        )
+    hooks: dict[str, str] = {}
+    for cfg_path in sorted(directory.glob("*/cfg.json")):
+        try:
+            cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+            name = cfg["metadata"]["hook_name"]
+        except (OSError, ValueError, KeyError, TypeError):
+            raise UserError(f"{cfg_path} is not an SAE-Lens cfg.json with metadata.hook_name") from None
+        hooks[name] = cfg_path.parent.name
+    if not hooks:
+        raise UserError(f"{directory} holds no SAE folders (no */cfg.json)")
+    return hooks
+
+
+def model_n_layers(config: Config) -> int:
+    """The model's depth without loading weights: a local model's config.json, else the deepest
+    block any SAE of the release reads (a release covering every layer gives the exact depth)."""
+    if config.model_is_local:
+        cfg_path = Path(config.model) / "config.json"
+        if not cfg_path.exists():
+            raise UserError(
+                f"model directory {config.model} has no config.json; for the toy preset run "
+                "`dvc repro model` (or `python -m pipeline model`) first"
+            )
+        return int(json.loads(cfg_path.read_text(encoding="utf-8"))["n_layers"])
+    if config.saes_are_local:
+        ids = local_sae_hooks(config.sae_release)
+    else:
+        ids = pretrained_directory().get(config.sae_release, ReleaseInfo("", "", "", {}, {}, {})).saes_map
+    blocks = [int(m.group(1)) for m in map(_BLOCK_RE.match, ids) if m]
+    return max(blocks) + 1 if blocks else 0
+
+
+_BLOCK_RE = re.compile(r"^blocks\.(\d+)\.")
+
+
+def plan_layers(config: Config, n_layers: int | None = None) -> list[LayerPlan]:
+    """Resolve every layer of `config.layers` to its hook, SAE id and Neuronpedia source."""
+    if n_layers is None:
+        n_layers = model_n_layers(config)
+    bad = [layer for layer in config.layers if layer >= n_layers]
+    if bad:
+        raise UserError(
+            f"params.yaml: layers {bad} are out of range; the model has {n_layers} layers "
+            f"(allowed 0..{n_layers - 1})"
+        )
+    if config.saes_are_local:
+        available = local_sae_hooks(config.sae_release)
+        id_of = available.get
+        neuronpedia_of: dict[str, str | None] = {}
+        where = f"SAE directory {config.sae_release}"
+    else:
+        directory = pretrained_directory()
+        if config.sae_release not in directory:
+            close = [r for r in directory if r.startswith(config.model.split("/")[-1])][:8]
+            raise UserError(
+                f"params.yaml: sae_release '{config.sae_release}' is not in SAE-Lens's pretrained "
+                f"directory; releases for this model include: {', '.join(close) or 'none'}"
+            )
+        info = directory[config.sae_release]
+        id_of = {sid: sid for sid in info.saes_map}.get
+        neuronpedia_of = info.neuronpedia_id
+        available = info.saes_map
+        where = f"release {config.sae_release}"
+
+    plans = []
+    for layer in config.layers:
+        candidates = equivalent_hooks(config.hook, layer, n_layers)
+        sae_id = next((id_of(h) for h in candidates if id_of(h) is not None), None)
+        if sae_id is None:
+            raise UserError(
+                f"{where} has no SAE at {' or '.join(candidates)} (layer {layer}); "
+                f"it has: {', '.join(sorted(available)[:6])}{', ...' if len(available) > 6 else ''}"
+            )
+        plans.append(
+            LayerPlan(
+                layer=layer,
+                hook=hook_name(config.hook, layer),
+                resume_at=resume_index(config.hook, layer),
+                sae_release=config.sae_release,
+                sae_id=sae_id,
+                neuronpedia=neuronpedia_of.get(sae_id),
+            )
+        )
+    return plans
+
+
+def model_from_pretrained_kwargs(config: Config) -> dict[str, Any]:
+    """The release's recorded kwargs for HookedTransformer.from_pretrained (empty if local)."""
+    if config.saes_are_local:
+        return {}
+    overrides = pretrained_directory()[config.sae_release].config_overrides
+    return dict(overrides.get("model_from_pretrained_kwargs") or {})

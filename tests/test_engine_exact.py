@@ -1,0 +1,298 @@
+"""The engine against the plain way: SAE-Lens's own splice and float64 references, random inputs."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.engine import forward as fwd
+from pipeline.engine.interventions import ADD, CLAMP, SCALE
+from pipeline.engine.metrics import variant_metrics
+from pipeline.engine.run import run_layer
+from tests.builders import build_model, build_sae, build_tokens
+
+LAYER = 1  # intervene at blocks.1.hook_resid_post of a 3-layer model
+HOOK = f"blocks.{LAYER}.hook_resid_post"
+RESUME = LAYER + 1
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def splice_logits(model_cls_kwargs, sae, tokens, feature, alpha):
+    """SAE-Lens's own way: HookedSAETransformer, use_error_term=True, scale hook_sae_acts_post."""
+    from sae_lens import HookedSAETransformer
+
+    model = build_model(HookedSAETransformer, **model_cls_kwargs)
+
+    def scale(acts, hook):  # noqa: ARG001
+        acts = acts.clone()
+        acts[:, 1:, feature] *= alpha  # BOS left alone
+        return acts
+
+    hook_name = f"{sae.cfg.metadata.hook_name}.hook_sae_acts_post"
+    with model.saes([sae], use_error_term=True):
+        logits = model.run_with_hooks(tokens, fwd_hooks=[(hook_name, scale)])
+    return logits
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 2.0, 4.0])
+@pytest.mark.parametrize("sae_hook", [HOOK, f"blocks.{LAYER + 1}.hook_resid_pre"])
+def test_engine_logits_equal_sae_lens_splice(alpha, sae_hook):
+    model = build_model()
+    sae = build_sae(hook_name=sae_hook)
+    tokens = build_tokens()
+    encoder = fwd.FeatureEncoder(sae, [3, 7, 11])
+    for pos, feature in enumerate(encoder.index.tolist()):
+        ours = fwd.intervened_logits(model, encoder, RESUME, tokens, pos, alpha, SCALE)
+        theirs = splice_logits({}, sae, tokens, feature, alpha)
+        assert (ours - theirs).abs().max().item() < 1e-4
+
+
+def test_alpha_one_forward_is_the_clean_model_bit_for_bit():
+    model = build_model()
+    sae = build_sae()
+    tokens = build_tokens()
+    encoder = fwd.FeatureEncoder(sae, [2])
+    clean = fwd.unembed(model, fwd.final_residual(model, fwd.residual_at(model, tokens, RESUME), RESUME))
+    one = fwd.intervened_logits(model, encoder, RESUME, tokens, 0, 1.0, SCALE)
+    assert torch.equal(clean, one)
+
+
+def test_alpha_one_rows_really_run_give_exactly_zero():
+    model = build_model()
+    sae = build_sae()
+    tokens = build_tokens(n=8)
+    res = run_layer(model, sae, RESUME, tokens, [2, 5], [1.0], batch_size=4, shortcuts=False)
+    assert res.stats.rows_run == 2 * 8  # every row went through a forward pass
+    assert np.array_equal(res.ce_int[:, 0], np.broadcast_to(res.ce_clean, res.ce_int[:, 0].shape))
+    assert np.all(res.kl == 0.0)
+    assert np.all(res.delta_sum == 0.0)
+
+
+def test_alpha_zero_equals_ablating_the_feature():
+    model = build_model()
+    sae = build_sae()
+    tokens = build_tokens()
+    feature = 9
+    encoder = fwd.FeatureEncoder(sae, [feature])
+
+    def ablate(resid, hook):  # noqa: ARG001 - written from the definition, not the engine
+        a = sae.encode(resid)[..., feature]
+        out = resid - a[..., None] * sae.W_dec[feature]
+        out[:, 0] = resid[:, 0]
+        return out
+
+    ablated = model.run_with_hooks(tokens, fwd_hooks=[(HOOK, ablate)])
+    ours = fwd.intervened_logits(model, encoder, RESUME, tokens, 0, 0.0, SCALE)
+    assert (ours - ablated).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("resume_at", [0, 1, 2, 3])
+def test_resuming_from_the_cached_residual_gives_the_full_forward(resume_at):
+    model = build_model()
+    tokens = build_tokens()
+    full = model(tokens)
+    resumed = fwd.unembed(model, fwd.final_residual(model, fwd.residual_at(model, tokens, resume_at), resume_at))
+    assert torch.allclose(full, resumed, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("architecture", ["standard", "jumprelu", "topk"])
+def test_feature_encoder_equals_full_encode(architecture):
+    sae = build_sae(architecture=architecture)
+    x = torch.randn(4, 10, 16)
+    features = [0, 5, 63, 17]
+    enc = fwd.FeatureEncoder(sae, features)
+    assert enc.column_separable == (architecture != "topk")
+    assert torch.allclose(enc(x), sae.encode(x)[..., features], atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("intervention,value", [(CLAMP, 3.0), (CLAMP, 0.0), (ADD, 1.5)])
+def test_other_interventions_match_their_definition(intervention, value):
+    model = build_model()
+    sae = build_sae()
+    tokens = build_tokens()
+    feature = 4
+    encoder = fwd.FeatureEncoder(sae, [feature])
+
+    def hook(resid, hook):  # noqa: ARG001
+        a = sae.encode(resid)[..., feature]
+        new_a = torch.full_like(a, value) if intervention is CLAMP else a
+        shift = (new_a - a) if intervention is CLAMP else torch.full_like(a, value)
+        out = resid + shift[..., None] * sae.W_dec[feature]
+        out[:, 0] = resid[:, 0]
+        return out
+
+    expected = model.run_with_hooks(tokens, fwd_hooks=[(HOOK, hook)])
+    ours = fwd.intervened_logits(model, encoder, RESUME, tokens, 0, value, intervention)
+    assert (ours - expected).abs().max().item() < 1e-5
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics: the engine's numbers against a float64 reference written from design.md
+
+
+@torch.no_grad()
+def reference(model, sae, tokens, feature, value, live_percentile):
+    """Plain full forward passes, float64 metrics, straight from the definitions."""
+    _, cache = model.run_with_cache(tokens, names_filter=[HOOK])
+    acts = sae.encode(cache[HOOK])[..., feature].double()
+
+    def hook(resid, hook):  # noqa: ARG001
+        a = sae.encode(resid)[..., feature]
+        out = resid + ((value - 1) * a)[..., None] * sae.W_dec[feature]
+        out[:, 0] = resid[:, 0]
+        return out
+
+    clean = model(tokens).double()
+    intv = model.run_with_hooks(tokens, fwd_hooks=[(HOOK, hook)]).double()
+    t = tokens.shape[1]
+    lp_c = torch.log_softmax(clean[:, 1 : t - 1], -1)
+    lp_i = torch.log_softmax(intv[:, 1 : t - 1], -1)
+    nxt = tokens[:, 2:t, None]
+    ce_c = -lp_c.gather(-1, nxt)[..., 0]
+    ce_i = -lp_i.gather(-1, nxt)[..., 0]
+    kl = (lp_c.exp() * (lp_c - lp_i)).sum(-1)
+    a = acts[:, 1 : t - 1].numpy()
+    thr = max(0.0, float(np.percentile(a, live_percentile)))
+    live = a > thr
+    d = (ce_i - ce_c).numpy()
+    n = d.shape[0]
+    logit_delta = intv[:, 1 : t - 1] - clean[:, 1 : t - 1]
+    logit_delta = logit_delta - logit_delta.mean(-1, keepdim=True)
+    live_t = torch.from_numpy(live)
+    return {
+        "ce_clean": ce_c.mean().item(),
+        "ce_int": ce_i.mean().item(),
+        "delta_ce": d.mean(),
+        "delta_ce_se": d.mean(1).std(ddof=1) / math.sqrt(n),
+        "kl": kl.mean().item(),
+        "kl_se": kl.mean(1).numpy().std(ddof=1) / math.sqrt(n),
+        "live_threshold": thr,
+        "n_live": int(live.sum()),
+        "frac_live": live.mean(),
+        "mean_act_live": a[live].mean() if live.any() else math.nan,
+        "delta_ce_live": d[live].mean() if live.any() else math.nan,
+        "kl_live": kl.numpy()[live].mean() if live.any() else math.nan,
+        "mean_logit_delta": (logit_delta[live_t].mean(0).numpy() if live.any() else None),
+    }
+
+
+def assert_close(ours: float, ref: float, rtol: float = 1e-4, atol: float = 1e-6):
+    if math.isnan(ref):
+        assert math.isnan(ours)
+    else:
+        assert abs(ours - ref) <= atol + rtol * abs(ref), (ours, ref)
+
+
+@pytest.mark.parametrize("shortcuts", [True, False])
+@pytest.mark.parametrize("enc_bias,percentile", [(0.0, 90.0), (-1.2, 90.0), (-1.2, 0.0), (-9.0, 50.0)])
+def test_every_metric_equals_the_float64_reference(shortcuts, enc_bias, percentile):
+    model = build_model()
+    sae = build_sae(enc_bias=enc_bias)
+    tokens = build_tokens(n=7, t=14)
+    features, values = [1, 8, 30], [0.0, 1.0, 2.5]
+    res = run_layer(model, sae, RESUME, tokens, features, values, batch_size=3,
+                    live_percentile=percentile, shortcuts=shortcuts)
+    for fi, feature in enumerate(features):
+        for ai, value in enumerate(values):
+            ours = variant_metrics(res.ce_clean, res.ce_int[fi, ai], res.kl[fi, ai],
+                                   res.acts_scored(fi), res.live[fi])
+            ref = reference(model, sae, tokens, feature, value, percentile)
+            for key in ours:
+                if key in ("n_passages", "n_scored"):
+                    continue
+                # kl of an unchanged model is 0 exactly in ours and ~1e-17 in float64
+                assert_close(ours[key], ref[key], atol=1e-6), key
+            if ref["mean_logit_delta"] is not None:
+                assert np.allclose(res.mean_delta(fi, ai), ref["mean_logit_delta"], atol=1e-5)
+            else:
+                assert res.live[fi].mask.sum() == 0
+
+
+def test_empty_live_set_gives_nan_not_zero():
+    model = build_model()
+    sae = build_sae(enc_bias=-50.0)  # nothing ever fires
+    tokens = build_tokens()
+    res = run_layer(model, sae, RESUME, tokens, [0], [2.0], batch_size=4)
+    m = variant_metrics(res.ce_clean, res.ce_int[0, 0], res.kl[0, 0], res.acts_scored(0), res.live[0])
+    assert m["n_live"] == 0
+    assert math.isnan(m["delta_ce_live"]) and math.isnan(m["kl_live"]) and math.isnan(m["mean_act_live"])
+    assert m["delta_ce"] == 0.0 and m["kl"] == 0.0  # a silent feature changes nothing
+    assert res.stats.rows_run == 0
+
+
+def test_bos_is_never_scored_nor_intervened():
+    model = build_model()
+    sae = build_sae()
+    tokens = build_tokens(n=2, t=10)
+    encoder = fwd.FeatureEncoder(sae, [5])
+    resid = fwd.residual_at(model, tokens, RESUME)
+    x = fwd.intervened_residual(resid, encoder(resid)[..., 0], encoder.directions[0], SCALE, 3.0)
+    assert torch.equal(x[:, 0], resid[:, 0])
+    res = run_layer(model, sae, RESUME, tokens, [5], [3.0], batch_size=2)
+    assert res.ce_clean.shape == (2, 8)  # t = 1 .. T-2
+
+
+def test_shortcuts_skip_work_without_changing_numbers():
+    model = build_model()
+    sae = build_sae(enc_bias=-1.5)
+    tokens = build_tokens(n=12, t=16)
+    kw = dict(features=[0, 1, 2, 3], values=[0.0, 1.0, 4.0], batch_size=5)
+    fast = run_layer(model, sae, RESUME, tokens, shortcuts=True, **kw)
+    slow = run_layer(model, sae, RESUME, tokens, shortcuts=False, **kw)
+    assert fast.stats.rows_run < slow.stats.rows_run
+    assert fast.stats.positions_unembedded < slow.stats.positions_unembedded
+    np.testing.assert_allclose(fast.ce_int, slow.ce_int, rtol=0, atol=2e-6)
+    np.testing.assert_allclose(fast.kl, slow.kl, rtol=0, atol=2e-6)
+    np.testing.assert_allclose(fast.delta_sum, slow.delta_sum, rtol=0, atol=1e-4)
+
+
+def test_batch_size_does_not_change_numbers():
+    model = build_model()
+    sae = build_sae(enc_bias=-0.5)
+    tokens = build_tokens(n=9, t=12)
+    a = run_layer(model, sae, RESUME, tokens, [3, 4], [0.0, 2.0], batch_size=1)
+    b = run_layer(model, sae, RESUME, tokens, [3, 4], [0.0, 2.0], batch_size=64)
+    np.testing.assert_allclose(a.ce_int, b.ce_int, atol=2e-6, rtol=0)
+    np.testing.assert_allclose(a.kl, b.kl, atol=2e-6, rtol=0)
+
+
+def test_small_chunks_give_the_same_numbers():
+    model = build_model()
+    sae = build_sae()
+    tokens = build_tokens(n=5, t=12)
+    a = run_layer(model, sae, RESUME, tokens, [3], [0.0, 2.0], batch_size=4, chunk_elems=40 * 3)
+    b = run_layer(model, sae, RESUME, tokens, [3], [0.0, 2.0], batch_size=4)
+    np.testing.assert_allclose(a.kl, b.kl, atol=1e-6, rtol=0)
+    np.testing.assert_allclose(a.ce_int, b.ce_int, atol=1e-6, rtol=0)
+
+
+def test_out_of_memory_halves_the_batch_and_says_so(monkeypatch, caplog):
+    model = build_model()
+    sae = build_sae()
+    tokens = build_tokens(n=8, t=12)
+    expected = run_layer(model, sae, RESUME, tokens, [3], [0.0, 2.0], batch_size=2)
+
+    real = fwd.final_residual
+    calls = {"n": 0}
+
+    def flaky(model_, resid, resume_at):
+        calls["n"] += 1
+        if resid.shape[0] > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(model_, resid, resume_at)
+
+    monkeypatch.setattr("pipeline.engine.run.final_residual", flaky)
+    with caplog.at_level("WARNING"):
+        got = run_layer(model, sae, RESUME, tokens, [3], [0.0, 2.0], batch_size=8)
+    assert got.stats.batch_size == 2 and got.stats.oom_halvings == 2
+    assert "batch_size halved to 4" in caplog.text and "batch_size halved to 2" in caplog.text
+    np.testing.assert_allclose(got.ce_int, expected.ce_int, atol=1e-6, rtol=0)
+    np.testing.assert_allclose(got.kl, expected.kl, atol=1e-6, rtol=0)
+    np.testing.assert_allclose(got.delta_sum, expected.delta_sum, atol=1e-6, rtol=0)
