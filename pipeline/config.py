@@ -134,6 +134,9 @@ _FIELDS: dict[str, _Field] = {
     "features_csv": _Field("str", "data/neuronpedia_features.csv", "curated features for feature_source csv"),
     "min_density": _Field("float", 1e-4, "lowest firing rate a chosen feature may have", check=_range(0, 1)),
     "max_density": _Field("float", 0.05, "highest firing rate a chosen feature may have", check=_range(0, 1)),
+    "neuronpedia_max_fetch": _Field(
+        "int", 60, "neuronpedia: most candidate features fetched per layer", check=_range(1)
+    ),
     "live_percentile": _Field("float", 90.0, "percentile of activation defining live positions", check=_range(0, 100)),
     "top_k_tokens": _Field("int", 10, "promoted/suppressed tokens kept per feature", check=_range(1)),
     "n_snippets": _Field("int", 5, "top-activating contexts kept per feature", check=_range(0)),
@@ -167,6 +170,7 @@ class Config:
     features_csv: str
     min_density: float
     max_density: float
+    neuronpedia_max_fetch: int
     live_percentile: float
     top_k_tokens: int
     n_snippets: int

@@ -20,9 +20,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from pipeline.config import Config
+from pipeline.config import is_local_path
 from pipeline.errors import UserError
-from pipeline.resolve import LayerPlan, model_from_pretrained_kwargs, same_tensor
+from pipeline.resolve import LayerPlan, same_tensor
 
 if TYPE_CHECKING:
     from sae_lens import SAE
@@ -113,28 +113,26 @@ def load_local_model(directory: str | Path, device: torch.device, dtype: torch.d
     return model
 
 
-def load_model(config: Config, device: torch.device, sae_model_kwargs: dict[str, Any] | None = None
-               ) -> HookedTransformer:
-    """The model the study runs, in eval mode with gradients off."""
+def load_model(name: str, device: torch.device, dtype: str,
+               from_pretrained_kwargs: dict[str, Any] | None = None) -> HookedTransformer:
+    """The model the study runs (hub name or local directory), in eval mode with gradients off."""
     quiet_library_warnings()
-    dtype = torch_dtype(config.dtype)
-    if config.model_is_local:
-        model = load_local_model(config.model, device, dtype)
+    if is_local_path(name):
+        model = load_local_model(name, device, torch_dtype(dtype))
     else:
         from transformer_lens import HookedTransformer
 
-        kwargs = dict(model_from_pretrained_kwargs(config))
-        if sae_model_kwargs is not None:
-            kwargs = dict(sae_model_kwargs)
         try:
-            model = HookedTransformer.from_pretrained(config.model, device=str(device), dtype=dtype, **kwargs)
+            model = HookedTransformer.from_pretrained(
+                name, device=str(device), dtype=torch_dtype(dtype), **(from_pretrained_kwargs or {})
+            )
         except (OSError, ValueError) as exc:
             raise UserError(
-                f"could not load model '{config.model}' ({type(exc).__name__}: {str(exc)[:160]}); "
+                f"could not load model '{name}' ({type(exc).__name__}: {str(exc)[:160]}); "
                 "run `dvc repro model` with network access, or use -S preset=toy offline"
             ) from None
     if model.cfg.positional_embedding_type == "shortformer":
-        raise UserError(f"model '{config.model}' uses shortformer positions; resuming mid-model is not supported")
+        raise UserError(f"model '{name}' uses shortformer positions; resuming mid-model is not supported")
     model.eval()
     model.requires_grad_(False)
     return model
@@ -144,19 +142,22 @@ def load_model(config: Config, device: torch.device, sae_model_kwargs: dict[str,
 # SAEs
 
 
-def load_sae(config: Config, plan: LayerPlan, device: torch.device) -> SAE:
+def load_sae(release: str, plan: LayerPlan, device: torch.device, dtype: str) -> SAE:
+    """One SAE: SAE.from_pretrained(release, id) from the hub, or SAE.load_from_disk(release/id)."""
     quiet_library_warnings()
     from sae_lens import SAE
 
-    if config.saes_are_local:
-        path = Path(config.sae_release) / plan.sae_id
-        sae = SAE.load_from_disk(path, device=str(device), dtype=config.dtype)
+    if is_local_path(release):
+        path = Path(release) / plan.sae_id
+        if not (path / "cfg.json").exists():
+            raise UserError(f"SAE folder {path} has no cfg.json; rerun the model stage")
+        sae = SAE.load_from_disk(path, device=str(device), dtype=dtype)
     else:
         try:
-            sae = SAE.from_pretrained(config.sae_release, plan.sae_id, device=str(device), dtype=config.dtype)
+            sae = SAE.from_pretrained(release, plan.sae_id, device=str(device), dtype=dtype)
         except (OSError, ValueError) as exc:
             raise UserError(
-                f"could not load SAE {config.sae_release}/{plan.sae_id} ({type(exc).__name__}: "
+                f"could not load SAE {release}/{plan.sae_id} ({type(exc).__name__}: "
                 f"{str(exc)[:160]}); run `dvc repro model` with network access first"
             ) from None
     check_sae(sae, plan)

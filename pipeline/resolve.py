@@ -41,6 +41,7 @@ class ReleaseInfo:
     saes_map: dict[str, str]  # sae id -> path in the repo
     neuronpedia_id: dict[str, str | None]  # sae id -> "gpt2-small/7-res-jb"
     config_overrides: dict[str, Any]
+    conversion_func: str | None = None  # None: SAE-Lens's own file layout (cfg.json + weights)
 
 
 @dataclass(frozen=True)
@@ -86,6 +87,7 @@ def pretrained_directory() -> dict[str, ReleaseInfo]:
             saes_map={s["id"]: str(s["path"]) for s in saes},
             neuronpedia_id={s["id"]: s.get("neuronpedia") for s in saes},
             config_overrides=dict(value.get("config_overrides") or {}),
+            conversion_func=value.get("conversion_func"),
         )
     return directory
 
@@ -149,10 +151,39 @@ def local_sae_hooks(directory: str | Path) -> dict[str, str]:
     return hooks
 
 
+_BLOCK_RE = re.compile(r"^blocks\.(\d+)\.")
+
+
+def _toy_unbuilt(config: Config) -> bool:
+    """The toy preset before its `model` stage ran: its layout is known, its files not yet there."""
+    return config.preset == "toy" and config.sae_release == "data/toy/saes" and not Path(config.sae_release).is_dir()
+
+
+def available_saes(config: Config) -> tuple[dict[str, str], dict[str, str | None], str]:
+    """(hook-or-id -> SAE id, SAE id -> Neuronpedia source, description) for the release."""
+    if _toy_unbuilt(config):
+        from pipeline.toy.build import TOY_MODEL_KWARGS, toy_sae_folder
+
+        ids = {toy_sae_folder(layer): toy_sae_folder(layer) for layer in range(TOY_MODEL_KWARGS["n_layers"])}
+        return ids, {}, "toy SAEs (built by the model stage into data/toy/saes)"
+    if config.saes_are_local:
+        return local_sae_hooks(config.sae_release), {}, f"SAE directory {config.sae_release}"
+    directory = pretrained_directory()
+    if config.sae_release not in directory:
+        stem = config.model.split("/")[-1]
+        close = [r for r in directory if r.startswith(stem)][:8]
+        raise UserError(
+            f"params.yaml: sae_release '{config.sae_release}' is not in SAE-Lens's pretrained "
+            f"directory; releases for {stem} include: {', '.join(close) or 'none'}"
+        )
+    info = directory[config.sae_release]
+    return {sid: sid for sid in info.saes_map}, info.neuronpedia_id, f"release {config.sae_release}"
+
+
 def model_n_layers(config: Config) -> int:
     """The model's depth without loading weights: a local model's config.json, else the deepest
     block any SAE of the release reads (a release covering every layer gives the exact depth)."""
-    if config.model_is_local:
+    if config.model_is_local and not _toy_unbuilt(config):
         cfg_path = Path(config.model) / "config.json"
         if not cfg_path.exists():
             raise UserError(
@@ -160,19 +191,14 @@ def model_n_layers(config: Config) -> int:
                 "`dvc repro model` (or `python -m pipeline model`) first"
             )
         return int(json.loads(cfg_path.read_text(encoding="utf-8"))["n_layers"])
-    if config.saes_are_local:
-        ids = local_sae_hooks(config.sae_release)
-    else:
-        ids = pretrained_directory().get(config.sae_release, ReleaseInfo("", "", "", {}, {}, {})).saes_map
+    ids, _, _ = available_saes(config)
     blocks = [int(m.group(1)) for m in map(_BLOCK_RE.match, ids) if m]
     return max(blocks) + 1 if blocks else 0
 
 
-_BLOCK_RE = re.compile(r"^blocks\.(\d+)\.")
-
-
 def plan_layers(config: Config, n_layers: int | None = None) -> list[LayerPlan]:
     """Resolve every layer of `config.layers` to its hook, SAE id and Neuronpedia source."""
+    id_of, neuronpedia_of, where = available_saes(config)
     if n_layers is None:
         n_layers = model_n_layers(config)
     bad = [layer for layer in config.layers if layer >= n_layers]
@@ -181,33 +207,15 @@ def plan_layers(config: Config, n_layers: int | None = None) -> list[LayerPlan]:
             f"params.yaml: layers {bad} are out of range; the model has {n_layers} layers "
             f"(allowed 0..{n_layers - 1})"
         )
-    if config.saes_are_local:
-        available = local_sae_hooks(config.sae_release)
-        id_of = available.get
-        neuronpedia_of: dict[str, str | None] = {}
-        where = f"SAE directory {config.sae_release}"
-    else:
-        directory = pretrained_directory()
-        if config.sae_release not in directory:
-            close = [r for r in directory if r.startswith(config.model.split("/")[-1])][:8]
-            raise UserError(
-                f"params.yaml: sae_release '{config.sae_release}' is not in SAE-Lens's pretrained "
-                f"directory; releases for this model include: {', '.join(close) or 'none'}"
-            )
-        info = directory[config.sae_release]
-        id_of = {sid: sid for sid in info.saes_map}.get
-        neuronpedia_of = info.neuronpedia_id
-        available = info.saes_map
-        where = f"release {config.sae_release}"
-
     plans = []
     for layer in config.layers:
         candidates = equivalent_hooks(config.hook, layer, n_layers)
-        sae_id = next((id_of(h) for h in candidates if id_of(h) is not None), None)
+        sae_id = next((id_of[h] for h in candidates if h in id_of), None)
         if sae_id is None:
+            have = sorted(id_of)
             raise UserError(
                 f"{where} has no SAE at {' or '.join(candidates)} (layer {layer}); "
-                f"it has: {', '.join(sorted(available)[:6])}{', ...' if len(available) > 6 else ''}"
+                f"it has: {', '.join(have[:6])}{', ...' if len(have) > 6 else ''}"
             )
         plans.append(
             LayerPlan(

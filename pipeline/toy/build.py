@@ -12,8 +12,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from pipeline.tokenizer import ByteTokenizer
 
 # Tiny widths, 12 layers, a 257-token byte vocabulary (256 bytes + BOS).
@@ -34,12 +32,17 @@ TOY_MODEL_KWARGS: dict[str, Any] = {
 TOY_D_SAE = 512
 
 
+def toy_sae_folder(layer: int) -> str:
+    return f"blocks.{layer}.hook_resid_post"
+
+
 def toy_model_kwargs(seed: int) -> dict[str, Any]:
     return {**TOY_MODEL_KWARGS, "seed": seed}
 
 
 def new_toy_model(seed: int):
     """A randomly initialised toy HookedTransformer (deterministic from seed)."""
+    import torch
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
     torch.manual_seed(seed)
@@ -48,6 +51,7 @@ def new_toy_model(seed: int):
 
 def new_toy_sae(layer: int, d_in: int, d_sae: int, seed: int, dataset: str = "python-docs"):
     """A StandardSAE for blocks.{layer}.hook_resid_post, randomly initialised from seed."""
+    import torch
     from sae_lens import StandardSAE, StandardSAEConfig
     from sae_lens.saes.sae import SAEMetadata
 
@@ -83,7 +87,7 @@ def save_toy(out_dir: Path, model, saes: dict[int, Any], seed: int) -> None:
 
     save_local_model(model, out_dir / "model", toy_model_kwargs(seed), ByteTokenizer().spec())
     for layer, sae in saes.items():
-        sae.save_model(out_dir / "saes" / f"blocks.{layer}.hook_resid_post")
+        sae.save_model(out_dir / "saes" / toy_sae_folder(layer))
 
 
 def build_random_toy(out_dir: Path, seed: int) -> None:
@@ -91,3 +95,9 @@ def build_random_toy(out_dir: Path, seed: int) -> None:
     model = new_toy_model(seed)
     saes = {layer: new_toy_sae(layer, model.cfg.d_model, TOY_D_SAE, seed) for layer in range(model.cfg.n_layers)}
     save_toy(out_dir, model, saes, seed)
+
+
+def build_toy(out_dir: Path, config) -> dict[str, Any]:
+    """The model stage's toy: random weights for now (deterministic from config.seed)."""
+    build_random_toy(out_dir, config.seed)
+    return {"weights": "random", "seed": config.seed}

@@ -1,0 +1,171 @@
+"""The command line: one command per DVC stage (what dvc.yaml calls), plus `plan` and `bench`.
+
+Each command reads params.yaml into a validated Config and calls the stage's function; nothing
+else happens here. A problem the user can fix prints one line (`error: ...`) and exits 2; pass
+--debug for the traceback. Ctrl-C and SIGTERM exit 130/143 leaving no partial file.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from pipeline import paths
+from pipeline.errors import UserError
+
+app = typer.Typer(
+    help="SAE feature interventions on GPT-2 Small: scale a feature by alpha, measure the model.\n\n"
+    "The study is a DVC pipeline: run `dvc repro` (or `dvc exp run -S key=value`); the commands "
+    "below are its stages, runnable one by one.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+
+class _State:
+    params: Path = paths.PARAMS
+    debug: bool = False
+
+
+_state = _State()
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised as an exception so every atomic write's cleanup runs."""
+
+
+def _on_sigterm(signum, frame):  # noqa: ARG001
+    raise Terminated()
+
+
+@app.callback()
+def main(
+    params: Path = typer.Option(paths.PARAMS, "--params", help="The params file to read."),
+    debug: bool = typer.Option(False, "--debug", help="Show the full traceback on errors."),
+) -> None:
+    _state.params = params
+    _state.debug = debug
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    from pipeline.loading import quiet_library_warnings
+
+    quiet_library_warnings()
+
+
+def _run(fn: Callable[..., Any], *args: Any) -> Any:
+    try:
+        from pipeline.config import load_config
+
+        return fn(load_config(_state.params), *args)
+    except UserError as exc:
+        if _state.debug:
+            raise
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    except KeyboardInterrupt:
+        typer.echo("interrupted; finished outputs are kept, nothing half-written", err=True)
+        raise typer.Exit(130) from None
+    except Terminated:
+        typer.echo("terminated; finished outputs are kept, nothing half-written", err=True)
+        raise typer.Exit(143) from None
+
+
+@app.command()
+def plan(as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table.")) -> None:
+    """Print the resolved plan (model, SAEs, hooks, Neuronpedia sources, forward passes); loads no weights."""
+    from pipeline.plan import build_plan, format_plan
+
+    result = _run(build_plan)
+    typer.echo(json.dumps(result, indent=2) if as_json else format_plan(result))
+
+
+@app.command()
+def model() -> None:
+    """Stage `model`: download (gpt2-small) or build (toy) the model and SAEs -> data/model.json."""
+    from pipeline.stages.model import run_model_stage
+
+    resolved = _run(run_model_stage)
+    typer.echo(f"model: {resolved['model']['name']} ({resolved['model']['source']}), "
+               f"{len(resolved['layers'])} SAEs from {resolved['sae_release']} -> {paths.MODEL_JSON}")
+
+
+@app.command()
+def tokenize() -> None:
+    """Stage `tokenize`: corpus -> data/tokens.npy (passages x max_len, BOS first)."""
+    from pipeline.stages.tokenize import run_tokenize_stage
+
+    meta = _run(run_tokenize_stage)
+    typer.echo(f"tokenize: {meta['corpus']}, {meta['n_tokens']:,} tokens -> {meta['n_windows']:,} windows, "
+               f"sampled {meta['tokens_shape'][0]} x {meta['tokens_shape'][1]} -> {paths.TOKENS}")
+
+
+@app.command()
+def features() -> None:
+    """Stage `features`: choose features_per_layer features per layer -> data/features.csv."""
+    from pipeline.stages.features import run_features_stage
+
+    frame = _run(run_features_stage)
+    typer.echo(f"features: {len(frame)} features over {frame['layer'].nunique()} layers -> {paths.FEATURES}")
+
+
+@app.command()
+def intervene(layer: int = typer.Option(..., "--layer", help="The layer to run (one of params `layers`).")) -> None:
+    """Stage `intervene@L`: every feature of layer L x every alpha -> metrics/layers/layer_L.csv."""
+    from pipeline.stages.intervene import run_intervene_stage
+
+    frame = _run(run_intervene_stage, layer)
+    typer.echo(f"intervene@{layer}: {len(frame)} rows -> {paths.layer_metrics(layer)}")
+
+
+@app.command()
+def aggregate() -> None:
+    """Stage `aggregate`: per-layer tables -> per-feature / per-layer CSVs and metrics/summary.json."""
+    from pipeline.stages.aggregate import run_aggregate_stage
+
+    result = _run(run_aggregate_stage)
+    typer.echo(f"aggregate: alpha {result['alpha']:g}: mean delta-CE {result['mean_delta_ce']}, "
+               f"mean KL {result['mean_kl']} over {result['n_features']} features -> {paths.SUMMARY}")
+
+
+@app.command()
+def plot() -> None:
+    """Stage `plot`: figures (PNG) and their data (CSV) under plots/."""
+    from pipeline.stages.plot import run_plot_stage
+
+    written = _run(run_plot_stage)
+    typer.echo("plot: " + ", ".join(str(p) for p in written))
+
+
+@app.command()
+def report() -> None:
+    """Stage `report`: render report/report.qmd to one self-contained report/report.html
+    (Quarto when a `quarto` executable is on PATH, else pandoc from pypandoc-binary)."""
+    from pipeline.stages.report import run_report_stage
+
+    result = _run(run_report_stage)
+    typer.echo(f"report: rendered with {result['renderer']} -> {result['output']}")
+
+
+@app.command()
+def bench(
+    device: str = typer.Option("auto", "--device", help="cpu, cuda, auto."),
+    out: Path | None = typer.Option(None, "--out", help="Write the figures as JSON to this file."),
+    quick: bool = typer.Option(False, "--quick", help="A small workload, for a smoke test."),
+) -> None:
+    """Benchmark the engine against the plain SAE-Lens way on GPT-2-Small-shaped random weights."""
+    from pipeline.bench import run_bench
+
+    try:
+        run_bench(device=device, out=out, quick=quick)
+    except UserError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None

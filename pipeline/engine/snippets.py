@@ -1,0 +1,84 @@
+"""Per-feature detail for the report: top-activating contexts with clean vs intervened predictions,
+and the feature's direct effect on the logits (W_dec[i] @ W_U)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.engine.forward import FeatureEncoder, final_residual, intervened_residual, residual_at, unembed
+from pipeline.engine.interventions import Intervention
+from pipeline.tokenizer import Tokenizer
+
+CONTEXT_BEFORE = 24
+CONTEXT_AFTER = 6
+TOP_PREDICTIONS = 5
+
+
+def top_contexts(acts_scored: np.ndarray, n: int) -> list[tuple[int, int, float]]:
+    """(passage, position t, activation) of the n strongest firings, at most one per passage.
+
+    acts_scored is [N, S] over positions t = 1..T-2. Ties go to the earlier passage and position.
+    """
+    if n == 0:
+        return []
+    best_t = acts_scored.argmax(axis=1)
+    best = acts_scored[np.arange(acts_scored.shape[0]), best_t]
+    order = np.lexsort((np.arange(len(best)), -best))
+    out = []
+    for p in order[:n]:
+        if best[p] <= 0:
+            break
+        out.append((int(p), int(best_t[p]) + 1, float(best[p])))
+    return out
+
+
+def _top(probs: torch.Tensor, tokenizer: Tokenizer, k: int = TOP_PREDICTIONS) -> list[list[Any]]:
+    values, ids = probs.topk(k)
+    return [[tokenizer.token_str(int(i)), int(i), round(float(v), 6)] for v, i in zip(values, ids, strict=True)]
+
+
+@torch.inference_mode()
+def feature_snippets(model, encoder: FeatureEncoder, resume_at: int, tokens: np.ndarray, feature_pos: int,
+                     acts_scored: np.ndarray, value: float, intervention: Intervention, tokenizer: Tokenizer,
+                     n: int) -> list[dict[str, Any]]:
+    """Contexts where the feature fires most, the firing token marked, and the model's top
+    next-token predictions there with and without the intervention at `value`."""
+    found = top_contexts(acts_scored, n)
+    if not found:
+        return []
+    device = next(model.parameters()).device
+    passages = torch.from_numpy(tokens[[p for p, _, _ in found]]).long().to(device)
+    resid = residual_at(model, passages, resume_at)
+    acts = encoder(resid)[..., feature_pos]
+    clean = unembed(model, final_residual(model, resid, resume_at))
+    x = intervened_residual(resid, acts, encoder.directions[feature_pos], intervention, value)
+    intervened = unembed(model, final_residual(model, x, resume_at))
+    out = []
+    for row, (p, t, a) in enumerate(found):
+        lo, hi = max(1, t - CONTEXT_BEFORE), min(tokens.shape[1], t + 1 + CONTEXT_AFTER)
+        out.append({
+            "passage": p,
+            "position": t,
+            "activation": round(a, 6),
+            "tokens": [tokenizer.token_str(int(i)) for i in tokens[p, lo:hi]],
+            "fire_index": t - lo,
+            "next_token": tokenizer.token_str(int(tokens[p, t + 1])),
+            "clean_top": _top(torch.softmax(clean[row, t], -1), tokenizer),
+            "intervened_top": _top(torch.softmax(intervened[row, t], -1), tokenizer),
+        })
+    return out
+
+
+@torch.inference_mode()
+def direct_logit_effect(model, direction: torch.Tensor, tokenizer: Tokenizer, k: int) -> dict[str, list]:
+    """Top promoted / suppressed tokens of W_dec[i] @ W_U (what Neuronpedia's logit lists show)."""
+    effect = (direction.to(model.W_U.dtype) @ model.W_U).float()
+    up = effect.topk(k)
+    down = (-effect).topk(k)
+    return {
+        "promoted": [[tokenizer.token_str(int(i)), int(i), round(float(v), 6)] for v, i in zip(up.values, up.indices, strict=True)],
+        "suppressed": [[tokenizer.token_str(int(i)), int(i), round(-float(v), 6)] for v, i in zip(down.values, down.indices, strict=True)],
+    }

@@ -1,0 +1,156 @@
+"""Stage `aggregate`: per-layer tables -> the study's tables and DVC metrics.
+
+- metrics/per_feature_metrics.csv: one row per (layer, feature, alpha), with the feature's label,
+  source and Neuronpedia link joined in;
+- metrics/per_layer_summary.csv: per (layer, alpha), mean / std / min / max over the features;
+- metrics/summary.json: small, headline numbers at `alpha` plus sanity counts, for
+  `dvc metrics diff`.
+Only the layers in params `layers` are read, so files left from a run with other layers never
+leak in; a per-layer file whose alphas differ from the current sweep is refused as stale.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from pipeline import paths
+from pipeline.config import Config
+from pipeline.errors import UserError
+from pipeline.io import write_csv, write_json
+from pipeline.runinfo import stage_record
+from pipeline.stages.features import read_features
+
+KL_TOLERANCE = 1e-6  # float32 rounding can leave an exact-zero KL at about -1e-9
+
+PER_FEATURE_COLUMNS = [
+    "layer", "feature", "label", "alpha", "intervention", "is_headline",
+    "delta_ce", "delta_ce_se", "kl", "kl_se", "delta_ce_live", "kl_live",
+    "n_live", "frac_live", "mean_act_live", "live_threshold", "ce_clean", "ce_int",
+    "density", "max_act", "source_density", "source_max_act",
+    "top_promoted", "top_suppressed", "np_pos_tokens", "np_neg_tokens",
+    "neuronpedia_url", "source", "n_passages", "n_scored",
+]
+
+
+def load_layer_tables(config: Config) -> pd.DataFrame:
+    frames = []
+    for layer in config.layers:
+        path = paths.layer_metrics(layer)
+        if not path.exists():
+            raise UserError(f"{path} not found; run `dvc repro` (stage intervene@{layer})")
+        frame = pd.read_csv(path, keep_default_na=False, na_values=["", "nan", "NaN"])
+        alphas = sorted(frame["alpha"].unique().tolist())
+        if not np.allclose(alphas, config.alpha_sweep) or len(alphas) != len(config.alpha_sweep):
+            raise UserError(f"{path} holds alphas {alphas} but the sweep is {list(config.alpha_sweep)}; "
+                            f"it is stale: rerun intervene@{layer}")
+        frames.append(frame)
+    return pd.concat(frames, ignore_index=True)
+
+
+def per_feature_table(config: Config) -> pd.DataFrame:
+    metrics = load_layer_tables(config)
+    features = read_features(config.layers).rename(columns={"density": "source_density", "max_act": "source_max_act"})
+    keep = ["layer", "feature", "label", "source", "source_density", "source_max_act", "neuronpedia_url",
+            "np_pos_tokens", "np_neg_tokens"]
+    merged = metrics.merge(features[keep], on=["layer", "feature"], how="left", validate="many_to_one")
+    unlabeled = merged[merged["source"].isna()]
+    if len(unlabeled):
+        row = unlabeled.iloc[0]
+        raise UserError(f"layer {row['layer']} feature {row['feature']} has metrics but is not in "
+                        f"{paths.FEATURES}; rerun intervene@{row['layer']}")
+    merged["is_headline"] = merged["alpha"] == config.alpha
+    return merged[PER_FEATURE_COLUMNS].sort_values(["layer", "feature", "alpha"], kind="stable")
+
+
+def per_layer_table(per_feature: pd.DataFrame) -> pd.DataFrame:
+    grouped = per_feature.groupby(["layer", "alpha"], sort=True)
+    out = grouped.agg(
+        n_features=("feature", "nunique"),
+        ce_clean=("ce_clean", "mean"),
+        delta_ce_mean=("delta_ce", "mean"),
+        delta_ce_std=("delta_ce", "std"),
+        delta_ce_min=("delta_ce", "min"),
+        delta_ce_max=("delta_ce", "max"),
+        kl_mean=("kl", "mean"),
+        kl_std=("kl", "std"),
+        kl_min=("kl", "min"),
+        kl_max=("kl", "max"),
+        delta_ce_live_mean=("delta_ce_live", "mean"),
+        kl_live_mean=("kl_live", "mean"),
+        frac_live_mean=("frac_live", "mean"),
+    )
+    return out.reset_index()
+
+
+def sanity(per_feature: pd.DataFrame, identity: float | None) -> dict[str, Any]:
+    """Checks computed from the data: they belong in the report next to the numbers."""
+    numeric = per_feature.select_dtypes("number")
+    live_cols = ["delta_ce_live", "kl_live", "mean_act_live"]
+    nan_live_ok = per_feature["n_live"] == 0
+    nan_mask = numeric.isna()
+    allowed = pd.DataFrame(False, index=numeric.index, columns=numeric.columns)
+    for col in live_cols:
+        allowed[col] = nan_live_ok
+    for col in ("delta_ce_se", "kl_se"):
+        allowed[col] = per_feature["n_passages"] < 2
+    unexpected_nan = int((nan_mask & ~allowed).to_numpy().sum())
+    out: dict[str, Any] = {
+        "nan_values": unexpected_nan,
+        "nan_live_rows": int(nan_live_ok.sum()),
+        "kl_min": float(per_feature["kl"].min()),
+        "kl_negative_rows": int((per_feature["kl"] < -KL_TOLERANCE).sum()),
+    }
+    if identity is not None:
+        ident = per_feature[per_feature["alpha"] == identity]
+        nonzero = (ident["delta_ce"] != 0) | (ident["kl"] != 0)
+        out["identity_alpha"] = identity
+        out["identity_rows"] = int(len(ident))
+        out["identity_rows_nonzero"] = int(nonzero.sum())
+    return out
+
+
+def summary(per_feature: pd.DataFrame, config: Config, identity: float | None) -> dict[str, Any]:
+    head = per_feature[per_feature["alpha"] == config.alpha]
+    strongest = head.loc[head["kl"].idxmax()] if len(head) else None
+
+    def r(x: float) -> float | None:
+        return None if x is None or (isinstance(x, float) and math.isnan(x)) else float(f"{float(x):.6g}")
+
+    per_layer = {
+        f"layer_{int(layer)}": {"delta_ce": r(g["delta_ce"].mean()), "kl": r(g["kl"].mean())}
+        for layer, g in head.groupby("layer")
+    }
+    return {
+        "alpha": config.alpha,
+        "intervention": config.intervention,
+        "n_layers": int(head["layer"].nunique()),
+        "n_features": int(len(head)),
+        "mean_delta_ce": r(head["delta_ce"].mean()),
+        "mean_kl": r(head["kl"].mean()),
+        "mean_delta_ce_live": r(head["delta_ce_live"].mean()),
+        "mean_kl_live": r(head["kl_live"].mean()),
+        "max_kl": {
+            "layer": int(strongest["layer"]) if strongest is not None else None,
+            "feature": int(strongest["feature"]) if strongest is not None else None,
+            "kl": r(strongest["kl"]) if strongest is not None else None,
+        },
+        "per_layer": per_layer,
+        "sanity": sanity(per_feature, identity),
+    }
+
+
+def run_aggregate_stage(config: Config) -> dict[str, Any]:
+    from pipeline.engine.interventions import INTERVENTIONS
+
+    with stage_record("aggregate"):
+        per_feature = per_feature_table(config)
+        per_layer = per_layer_table(per_feature)
+        result = summary(per_feature, config, INTERVENTIONS[config.intervention].identity)
+        write_csv(paths.PER_FEATURE, per_feature)
+        write_csv(paths.PER_LAYER, per_layer)
+        write_json(paths.SUMMARY, result)
+    return result

@@ -1,0 +1,120 @@
+"""Stage `model`: get the model and SAEs ready and record exactly what was resolved.
+
+gpt2-small (any hub model + SAE-Lens release): download into the Hugging Face cache, or fail in
+about a second when there is no network and no cache (pipeline.hub); load everything once to
+check it fits together; write data/model.json with repo ids, commits and weight hashes.
+toy: build the 12-layer byte model and its SAEs into data/toy/ (pipeline.toy), then load them
+back through the local-directory path like any user's own model.
+
+Both write the SAE configs as SAE-Lens resolved them to data/<preset>/sae_configs.json. Later
+stages read data/model.json, never the preset keys: it is their single source of truth.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pipeline import hub, paths
+from pipeline.config import Config
+from pipeline.errors import UserError
+from pipeline.io import atomic_dir, read_json, sha256_file, write_json
+from pipeline.loading import MODEL_WEIGHTS, TOKENIZER_SPEC, load_model, load_sae, resolve_device, sae_model_kwargs
+from pipeline.resolve import LayerPlan, plan_layers, pretrained_directory
+from pipeline.runinfo import device_description, stage_record
+
+
+def run_model_stage(config: Config) -> dict[str, Any]:
+    with stage_record("model") as record:
+        device = resolve_device(config.device)
+        record["device"] = device_description(device)
+        if config.preset == "toy":
+            from pipeline.toy.build import build_toy
+
+            with atomic_dir(paths.preset_dir("toy")) as tmp:
+                record["toy"] = build_toy(tmp, config)
+        plans = plan_layers(config)
+        availability = "local"
+        sae_files: dict[int, list[hub.HubFile]] = {}
+        if not config.saes_are_local:
+            sae_files = _hub_sae_files(config, plans)
+            every = [f for files in sae_files.values() for f in files]
+            probe = every or [hub.HubFile(pretrained_directory()[config.sae_release].repo_id, ".gitattributes")]
+            availability = hub.ensure_available(probe, f"SAE release {config.sae_release}")
+        saes = {p.layer: load_sae(config.sae_release, p, device, config.dtype) for p in plans}
+
+        model_kwargs = None if config.saes_are_local else sae_model_kwargs(list(saes.values()))
+        if not config.model_is_local and availability == "cache":
+            hub.ensure_available([hub.HubFile(_official_repo(config.model), "config.json")], f"model {config.model}")
+        model = load_model(config.model, device, config.dtype, model_kwargs)
+
+        layers = [_layer_entry(config, p, saes[p.layer], model, sae_files.get(p.layer, [])) for p in plans]
+        resolved = {
+            "preset": config.preset,
+            "model": _model_entry(config, model, model_kwargs),
+            "tokenizer": _tokenizer_spec(config, model),
+            "sae_release": config.sae_release,
+            "hook": config.hook,
+            "availability": availability,
+            "layers": layers,
+        }
+        write_json(paths.preset_dir(config.preset) / "sae_configs.json",
+                   {str(p.layer): saes[p.layer].cfg.to_dict() for p in plans})
+        write_json(paths.MODEL_JSON, resolved)
+    return resolved
+
+
+def _hub_sae_files(config: Config, plans: list[LayerPlan]) -> dict[int, list[hub.HubFile]]:
+    """The files SAE-Lens's default loader reads per layer (none known for converted releases)."""
+    info = pretrained_directory()[config.sae_release]
+    if info.conversion_func is not None:
+        return {}
+    return {p.layer: [hub.HubFile(info.repo_id, f"{info.saes_map[p.sae_id]}/{name}") for name in hub.SAE_FILES]
+            for p in plans}
+
+
+def _official_repo(name: str) -> str:
+    from transformer_lens.loading_from_pretrained import get_official_model_name
+
+    return get_official_model_name(name)
+
+
+def _layer_entry(config: Config, plan: LayerPlan, sae, model, files: list[hub.HubFile]) -> dict[str, Any]:
+    if sae.cfg.d_in != model.cfg.d_model:
+        raise UserError(f"SAE {plan.sae_id} reads d_in={sae.cfg.d_in} but the model has d_model={model.cfg.d_model}")
+    entry = plan.to_dict() | {
+        "d_sae": int(sae.cfg.d_sae),
+        "architecture": sae.cfg.architecture(),
+        "sae_hook_name": sae.cfg.metadata.hook_name,
+    }
+    if config.saes_are_local:
+        entry["weights_sha256"] = sha256_file(Path(config.sae_release) / plan.sae_id / "sae_weights.safetensors")
+    else:
+        entry["hub"] = [hub.snapshot_record(f) for f in files]
+    return entry
+
+
+def _model_entry(config: Config, model, kwargs: dict[str, Any] | None) -> dict[str, Any]:
+    if config.model_is_local:
+        entry: dict[str, Any] = {
+            "name": config.model,
+            "source": "local",
+            "weights_sha256": sha256_file(Path(config.model) / MODEL_WEIGHTS),
+        }
+    else:
+        repo = _official_repo(config.model)
+        entry = {
+            "name": config.model,
+            "source": "hub",
+            "hub": [hub.snapshot_record(hub.HubFile(repo, f)) for f in ("config.json", "model.safetensors")],
+            "from_pretrained_kwargs": kwargs or {},
+        }
+    cfg = model.cfg
+    return entry | {"n_layers": cfg.n_layers, "d_model": cfg.d_model, "n_ctx": cfg.n_ctx, "d_vocab": cfg.d_vocab}
+
+
+def _tokenizer_spec(config: Config, model) -> dict[str, Any]:
+    if config.model_is_local:
+        return read_json(Path(config.model) / TOKENIZER_SPEC)
+    name = model.tokenizer.name_or_path if model.tokenizer is not None else _official_repo(config.model)
+    return {"type": "hf", "name": name, "bos_token_id": int(model.tokenizer.bos_token_id)}
