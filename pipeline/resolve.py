@@ -132,23 +132,28 @@ def equivalent_hooks(hook: str, layer: int, n_layers: int) -> list[str]:
 
 def local_sae_hooks(directory: str | Path) -> dict[str, str]:
     """hook name -> folder name, for a directory of SAE-Lens `save_model` folders."""
+    return {hook: folder for hook, (folder, _) in _local_saes(directory).items()}
+
+
+def _local_saes(directory: str | Path) -> dict[str, tuple[str, str | None]]:
+    """hook name -> (folder name, Neuronpedia id from the cfg's metadata, if any)."""
     directory = Path(directory)
     if not directory.is_dir():
         raise UserError(
             f"SAE directory {directory} does not exist; for the toy preset run `dvc repro model` "
             "(or `python -m pipeline model`) first"
         )
-    hooks: dict[str, str] = {}
+    found: dict[str, tuple[str, str | None]] = {}
     for cfg_path in sorted(directory.glob("*/cfg.json")):
         try:
-            cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-            name = cfg["metadata"]["hook_name"]
+            meta = json.loads(cfg_path.read_text(encoding="utf-8"))["metadata"]
+            name = meta["hook_name"]
         except (OSError, ValueError, KeyError, TypeError):
             raise UserError(f"{cfg_path} is not an SAE-Lens cfg.json with metadata.hook_name") from None
-        hooks[name] = cfg_path.parent.name
-    if not hooks:
+        found[name] = (cfg_path.parent.name, meta.get("neuronpedia_id"))
+    if not found:
         raise UserError(f"{directory} holds no SAE folders (no */cfg.json)")
-    return hooks
+    return found
 
 
 _BLOCK_RE = re.compile(r"^blocks\.(\d+)\.")
@@ -167,7 +172,10 @@ def available_saes(config: Config) -> tuple[dict[str, str], dict[str, str | None
         ids = {toy_sae_folder(layer): toy_sae_folder(layer) for layer in range(TOY_MODEL_KWARGS["n_layers"])}
         return ids, {}, "toy SAEs (built by the model stage into data/toy/saes)"
     if config.saes_are_local:
-        return local_sae_hooks(config.sae_release), {}, f"SAE directory {config.sae_release}"
+        # A local SAE saved by SAE-Lens keeps its Neuronpedia id in cfg.json's metadata.
+        local = _local_saes(config.sae_release)
+        return ({hook: folder for hook, (folder, _) in local.items()},
+                {folder: np_id for folder, np_id in local.values()}, f"SAE directory {config.sae_release}")
     directory = pretrained_directory()
     if config.sae_release not in directory:
         stem = config.model.split("/")[-1]
