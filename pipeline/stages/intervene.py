@@ -82,8 +82,6 @@ def layer_rows(result: LayerResult, layer: int, config: Config, tokenizer) -> li
 
 
 def run_intervene_stage(config: Config, layer: int) -> pd.DataFrame:
-    if layer not in config.layers:
-        raise UserError(f"layer {layer} is not in params `layers` {list(config.layers)}")
     resolved = Resolved.load()
     plan = resolved.plan(layer)
     features = read_features([layer])["feature"].astype(int).tolist()

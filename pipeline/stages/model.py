@@ -6,33 +6,41 @@ check it fits together; write data/model.json with repo ids, commits and weight 
 toy: build the 12-layer byte model and its SAEs into data/toy/ (pipeline.toy), then load them
 back through the local-directory path like any user's own model.
 
-Both write the SAE configs as SAE-Lens resolved them to data/<preset>/sae_configs.json. Later
+The stage covers every layer of the model whatever `layers` says, so narrowing `layers` later
+re-runs nothing here. Both write the SAE configs as SAE-Lens resolved them to data/<preset>/sae_configs.json. Later
 stages read data/model.json, never the preset keys: it is their single source of truth.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from pipeline import hub, paths
 from pipeline.config import Config
 from pipeline.errors import UserError
 from pipeline.io import atomic_dir, read_json, sha256_file, write_json
-from pipeline.loading import MODEL_WEIGHTS, TOKENIZER_SPEC, load_model, load_sae, resolve_device, sae_model_kwargs
-from pipeline.resolve import LayerPlan, plan_layers, pretrained_directory
+from pipeline.loading import MODEL_WEIGHTS, TOKENIZER_SPEC, load_model, load_sae, sae_model_kwargs
+from pipeline.resolve import LayerPlan, model_n_layers, plan_layers, pretrained_directory
 from pipeline.runinfo import device_description, stage_record
 
 
 def run_model_stage(config: Config) -> dict[str, Any]:
     with stage_record("model") as record:
-        device = resolve_device(config.device)
+        # Checks and the toy's training run on the CPU: the record must not depend on the device.
+        device = torch.device("cpu")
         record["device"] = device_description(device)
         if config.preset == "toy":
             from pipeline.toy.build import build_toy
 
             with atomic_dir(paths.preset_dir("toy")) as tmp:
                 record["toy"] = build_toy(tmp, config)
+        # Every layer of the model, not only `layers`: changing `layers` later needs no download
+        # and no rebuild of the toy.
+        config = dataclasses.replace(config, layers=tuple(range(model_n_layers(config))))
         plans = plan_layers(config)
         availability = "local"
         sae_files: dict[int, list[hub.HubFile]] = {}
@@ -41,12 +49,12 @@ def run_model_stage(config: Config) -> dict[str, Any]:
             every = [f for files in sae_files.values() for f in files]
             probe = every or [hub.HubFile(pretrained_directory()[config.sae_release].repo_id, ".gitattributes")]
             availability = hub.ensure_available(probe, f"SAE release {config.sae_release}")
-        saes = {p.layer: load_sae(config.sae_release, p, device, config.dtype) for p in plans}
+        saes = {p.layer: load_sae(config.sae_release, p, device, "float32") for p in plans}
 
         model_kwargs = None if config.saes_are_local else sae_model_kwargs(list(saes.values()))
         if not config.model_is_local and availability == "cache":
             hub.ensure_available([hub.HubFile(_official_repo(config.model), "config.json")], f"model {config.model}")
-        model = load_model(config.model, device, config.dtype, model_kwargs)
+        model = load_model(config.model, device, "float32", model_kwargs)
 
         layers = [_layer_entry(config, p, saes[p.layer], model, sae_files.get(p.layer, [])) for p in plans]
         resolved = {
