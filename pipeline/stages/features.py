@@ -56,6 +56,8 @@ def select_features(config: Config, resolved: Resolved) -> list[FeatureChoice]:
 
 def run_features_stage(config: Config) -> pd.DataFrame:
     resolved = Resolved.load()
+    # The Neuronpedia cache is a persistent DVC output of this stage: it exists for every source.
+    paths.NEURONPEDIA_CACHE.mkdir(parents=True, exist_ok=True)
     with stage_record("features", source=config.feature_source) as record:
         record["device"] = device_description(resolve_device(config.device))
         choices = select_features(config, resolved)
