@@ -120,10 +120,10 @@ def same_tensor(hook_a: str, hook_b: str) -> bool:
     return ia is not None and ia == ib
 
 
-def equivalent_hooks(hook: str, layer: int, n_layers: int) -> list[str]:
+def equivalent_hooks(hook: str, layer: int, n_layers: int | None) -> list[str]:
     """Hook names carrying the same tensor as `hook` at `layer`, the exact name first."""
     names = [hook_name(hook, layer)]
-    if hook == "resid_post" and layer + 1 < n_layers:
+    if hook == "resid_post" and (n_layers is None or layer + 1 < n_layers):
         names.append(hook_name("resid_pre", layer + 1))
     if hook == "resid_pre" and layer >= 1:
         names.append(hook_name("resid_post", layer - 1))
@@ -188,9 +188,10 @@ def available_saes(config: Config) -> tuple[dict[str, str], dict[str, str | None
     return {sid: sid for sid in info.saes_map}, info.neuronpedia_id, f"release {config.sae_release}"
 
 
-def model_n_layers(config: Config) -> int:
-    """The model's depth without loading weights: a local model's config.json, else the deepest
-    block any SAE of the release reads (a release covering every layer gives the exact depth)."""
+def model_n_layers(config: Config) -> int | None:
+    """The model's depth without loading weights: a local model's config.json; for a hub model,
+    the deepest block the release reads when its SAEs cover every block up to it (res-jb and the
+    v5 releases do); None when that cannot be told (checked by the model stage after loading)."""
     if config.model_is_local and not _toy_unbuilt(config):
         cfg_path = Path(config.model) / "config.json"
         if not cfg_path.exists():
@@ -200,8 +201,10 @@ def model_n_layers(config: Config) -> int:
             )
         return int(json.loads(cfg_path.read_text(encoding="utf-8"))["n_layers"])
     ids, _, _ = available_saes(config)
-    blocks = [int(m.group(1)) for m in map(_BLOCK_RE.match, ids) if m]
-    return max(blocks) + 1 if blocks else 0
+    blocks = {int(m.group(1)) for m in map(_BLOCK_RE.match, ids) if m}
+    if not blocks or blocks != set(range(max(blocks) + 1)):
+        return None
+    return max(blocks) + 1
 
 
 def plan_layers(config: Config, n_layers: int | None = None) -> list[LayerPlan]:
@@ -209,7 +212,7 @@ def plan_layers(config: Config, n_layers: int | None = None) -> list[LayerPlan]:
     id_of, neuronpedia_of, where = available_saes(config)
     if n_layers is None:
         n_layers = model_n_layers(config)
-    bad = [layer for layer in config.layers if layer >= n_layers]
+    bad = [layer for layer in config.layers if n_layers is not None and layer >= n_layers]
     if bad:
         raise UserError(
             f"params.yaml: layers {bad} are out of range; the model has {n_layers} layers "

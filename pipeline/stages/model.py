@@ -40,7 +40,9 @@ def run_model_stage(config: Config) -> dict[str, Any]:
                 record["toy"] = build_toy(tmp, config)
         # Every layer of the model, not only `layers`: changing `layers` later needs no download
         # and no rebuild of the toy.
-        config = dataclasses.replace(config, layers=tuple(range(model_n_layers(config))))
+        n_layers = model_n_layers(config)
+        if n_layers is not None:
+            config = dataclasses.replace(config, layers=tuple(range(n_layers)))
         plans = plan_layers(config)
         availability = "local"
         sae_files: dict[int, list[hub.HubFile]] = {}
@@ -55,6 +57,10 @@ def run_model_stage(config: Config) -> dict[str, Any]:
         if not config.model_is_local and availability == "cache":
             hub.ensure_available([hub.HubFile(_official_repo(config.model), "config.json")], f"model {config.model}")
         model = load_model(config.model, device, "float32", model_kwargs)
+        too_deep = [p.layer for p in plans if p.layer >= model.cfg.n_layers]
+        if too_deep:
+            raise UserError(f"params.yaml: layers {too_deep} are out of range; {config.model} has "
+                            f"{model.cfg.n_layers} layers (allowed 0..{model.cfg.n_layers - 1})")
 
         layers = [_layer_entry(config, p, saes[p.layer], model, sae_files.get(p.layer, [])) for p in plans]
         resolved = {

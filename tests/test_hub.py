@@ -1,0 +1,75 @@
+"""The gpt2-small preset with no network: one clear line within seconds; a warm cache is used."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from pipeline import hub
+from pipeline.errors import UserError
+from tests.conftest import ROOT, run_cli
+
+CLOSED_PORT = "http://127.0.0.1:9"  # nothing listens: connection refused at once
+
+
+@pytest.mark.parametrize("env", [
+    {"HF_HUB_OFFLINE": "1"},
+    {"HF_ENDPOINT": CLOSED_PORT},  # a machine without network, even where this test has one
+])
+def test_model_stage_offline_without_cache_fails_fast_in_one_line(tmp_path, env):
+    started = time.perf_counter()
+    result = run_cli(["--params", str(ROOT / "params.yaml"), "model"], cwd=tmp_path,
+                     env={"HF_HOME": str(tmp_path / "hf"), **env})
+    elapsed = time.perf_counter() - started
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: ")
+    assert "gpt2-small-res-jb" in lines[0] and "-S preset=toy" in lines[0]
+    assert "Traceback" not in result.stderr
+    assert elapsed < 15, elapsed  # seconds, not a retry loop (most of it is Python start-up)
+    assert not (tmp_path / "data" / "model.json").exists()
+
+
+def _fake_cache(root, repo_id: str, filename: str, content: bytes, commit: str = "a" * 40, blob: str = "b" * 64):
+    """The layout huggingface_hub uses: blobs/<etag> and snapshots/<commit>/<file> -> blob."""
+    repo_dir = root / "hub" / ("models--" + repo_id.replace("/", "--"))
+    (repo_dir / "blobs").mkdir(parents=True, exist_ok=True)
+    (repo_dir / "blobs" / blob).write_bytes(content)
+    snap = repo_dir / "snapshots" / commit / filename
+    snap.parent.mkdir(parents=True, exist_ok=True)
+    snap.symlink_to(repo_dir / "blobs" / blob)
+    (repo_dir / "refs").mkdir(exist_ok=True)
+    (repo_dir / "refs" / "main").write_text(commit)
+
+
+def test_a_warm_cache_is_used_when_the_hub_is_unreachable(tmp_path, monkeypatch):
+    import huggingface_hub.constants as c
+
+    monkeypatch.setenv("HF_ENDPOINT", CLOSED_PORT)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(c, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(c, "HF_HUB_OFFLINE", False)
+    files = [hub.HubFile("jbloom/GPT2-Small-SAEs-Reformatted", "blocks.1.hook_resid_pre/cfg.json"),
+             hub.HubFile("jbloom/GPT2-Small-SAEs-Reformatted", "blocks.1.hook_resid_pre/sae_weights.safetensors")]
+    with pytest.raises(UserError, match="cache lacks 2 of its files"):
+        hub.ensure_available(files, "test release")
+    for i, f in enumerate(files):
+        _fake_cache(tmp_path, f.repo_id, f.filename, b"x", blob=str(i) * 64)
+    assert hub.ensure_available(files, "test release") == "cache"
+    assert hub.hub_offline()  # later loads in this process read the cache only
+    record = hub.snapshot_record(files[1])
+    assert record == {"repo_id": files[1].repo_id, "file": files[1].filename, "revision": "a" * 40, "blob": "1" * 64}
+
+
+def test_hf_hub_offline_is_respected(tmp_path, monkeypatch):
+    import huggingface_hub.constants as c
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(c, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    f = hub.HubFile("gpt2", "config.json")
+    with pytest.raises(UserError, match="HF_HUB_OFFLINE is set and the Hugging Face cache lacks 1 file"):
+        hub.ensure_available([f], "model gpt2")
+    _fake_cache(tmp_path, "gpt2", "config.json", b"{}")
+    assert hub.ensure_available([f], "model gpt2") == "cache"
