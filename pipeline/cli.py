@@ -157,15 +157,19 @@ def report() -> None:
 
 @app.command()
 def bench(
-    device: str = typer.Option("auto", "--device", help="cpu, cuda, auto."),
-    out: Path | None = typer.Option(None, "--out", help="Write the figures as JSON to this file."),
-    quick: bool = typer.Option(False, "--quick", help="A small workload, for a smoke test."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    out: Path | None = typer.Option(None, "--out", help="Also write the figures as JSON to this file."),
+    quick: bool = typer.Option(False, "--quick", help="A tiny workload: a smoke test in seconds."),
+    full: bool = typer.Option(False, "--full", help="One layer of the default study's shape (200 x 256, 5 x 5)."),
+    skip_plain: bool = typer.Option(False, "--skip-plain", help="Time the engine only."),
+    dtype: list[str] = typer.Option([], "--dtype", help="Also run the engine in this dtype (bfloat16, float16) "
+                                    "and report its accuracy against float32; default on CUDA: both."),
 ) -> None:
-    """Benchmark the engine against the plain SAE-Lens way on GPT-2-Small-shaped random weights."""
+    """Benchmark the engine against the plain SAE-Lens way on GPT-2-Small-shaped random weights (no download)."""
     from pipeline.bench import run_bench
 
     try:
-        run_bench(device=device, out=out, quick=quick)
+        run_bench(device=device, out=out, quick=quick, full=full, skip_plain=skip_plain, dtypes=dtype or None)
     except UserError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
