@@ -33,7 +33,8 @@ import torch
 from pipeline.engine.metrics import live_positions, variant_metrics
 from pipeline.engine.run import LayerResult, run_layer
 from pipeline.io import write_json
-from pipeline.loading import quiet_library_warnings, resolve_device, torch_dtype
+from pipeline.loading import resolve_device, torch_dtype
+from pipeline.quiet import quiet_library_warnings
 
 GPT2_SMALL_SHAPE = dict(n_layers=12, d_model=768, n_heads=12, d_head=64, d_mlp=3072, n_ctx=1024, d_vocab=50257,
                         act_fn="gelu_new", normalization_type="LN")

@@ -7,6 +7,7 @@ else happens here. A problem the user can fix prints one line (`error: ...`) and
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import signal
@@ -56,16 +57,24 @@ def main(
     _state.debug = debug
     signal.signal(signal.SIGTERM, _on_sigterm)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    from pipeline.loading import quiet_library_warnings
+    from pipeline.quiet import quiet_library_warnings
 
     quiet_library_warnings()
 
 
-def _run(fn: Callable[..., Any], *args: Any) -> Any:
+def _run(target: str, *args: Any) -> Any:
+    """Load and validate params, then import and call `module:function` with them.
+
+    Params are checked before the stage's module is imported, so a typo costs a fraction of a
+    second, not the several seconds torch and TransformerLens take to import.
+    """
     try:
         from pipeline.config import load_config
 
-        return fn(load_config(_state.params), *args)
+        config = load_config(_state.params)
+        module, name = target.split(":")
+        fn: Callable[..., Any] = getattr(importlib.import_module(module), name)
+        return fn(config, *args)
     except UserError as exc:
         if _state.debug:
             raise
@@ -82,18 +91,23 @@ def _run(fn: Callable[..., Any], *args: Any) -> Any:
 @app.command()
 def plan(as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table.")) -> None:
     """Print the resolved plan (model, SAEs, hooks, Neuronpedia sources, forward passes); loads no weights."""
-    from pipeline.plan import build_plan, format_plan
+    from pipeline.plan import format_plan
 
-    result = _run(build_plan)
+    result = _run("pipeline.plan:build_plan")
     typer.echo(json.dumps(result, indent=2) if as_json else format_plan(result))
+
+
+@app.command()
+def check() -> None:
+    """Check params.yaml and the inputs it names (device, corpus, layers, features file) in a second."""
+    plans = _run("pipeline.validate:preflight")
+    typer.echo(f"check: params.yaml is valid; {len(plans)} layers resolved")
 
 
 @app.command()
 def model() -> None:
     """Stage `model`: download (gpt2-small) or build (toy) the model and SAEs -> data/model.json."""
-    from pipeline.stages.model import run_model_stage
-
-    resolved = _run(run_model_stage)
+    resolved = _run("pipeline.stages.model:run_model_stage")
     typer.echo(f"model: {resolved['model']['name']} ({resolved['model']['source']}), "
                f"{len(resolved['layers'])} SAEs from {resolved['sae_release']} -> {paths.MODEL_JSON}")
 
@@ -101,9 +115,7 @@ def model() -> None:
 @app.command()
 def tokenize() -> None:
     """Stage `tokenize`: corpus -> data/tokens.npy (passages x max_len, BOS first)."""
-    from pipeline.stages.tokenize import run_tokenize_stage
-
-    meta = _run(run_tokenize_stage)
+    meta = _run("pipeline.stages.tokenize:run_tokenize_stage")
     typer.echo(f"tokenize: {meta['corpus']}, {meta['n_tokens']:,} tokens -> {meta['n_windows']:,} windows, "
                f"sampled {meta['tokens_shape'][0]} x {meta['tokens_shape'][1]} -> {paths.TOKENS}")
 
@@ -111,27 +123,21 @@ def tokenize() -> None:
 @app.command()
 def features() -> None:
     """Stage `features`: choose features_per_layer features per layer -> data/features.csv."""
-    from pipeline.stages.features import run_features_stage
-
-    frame = _run(run_features_stage)
+    frame = _run("pipeline.stages.features:run_features_stage")
     typer.echo(f"features: {len(frame)} features over {frame['layer'].nunique()} layers -> {paths.FEATURES}")
 
 
 @app.command()
 def intervene(layer: int = typer.Option(..., "--layer", help="The layer to run (one of params `layers`).")) -> None:
     """Stage `intervene@L`: every feature of layer L x every alpha -> metrics/layers/layer_L.csv."""
-    from pipeline.stages.intervene import run_intervene_stage
-
-    frame = _run(run_intervene_stage, layer)
+    frame = _run("pipeline.stages.intervene:run_intervene_stage", layer)
     typer.echo(f"intervene@{layer}: {len(frame)} rows -> {paths.layer_metrics(layer)}")
 
 
 @app.command()
 def aggregate() -> None:
     """Stage `aggregate`: per-layer tables -> per-feature / per-layer CSVs and metrics/summary.json."""
-    from pipeline.stages.aggregate import run_aggregate_stage
-
-    result = _run(run_aggregate_stage)
+    result = _run("pipeline.stages.aggregate:run_aggregate_stage")
     typer.echo(f"aggregate: alpha {result['alpha']:g}: mean delta-CE {result['mean_delta_ce']}, "
                f"mean KL {result['mean_kl']} over {result['n_features']} features -> {paths.SUMMARY}")
 
@@ -139,9 +145,7 @@ def aggregate() -> None:
 @app.command()
 def plot() -> None:
     """Stage `plot`: figures (PNG) and their data (CSV) under plots/."""
-    from pipeline.stages.plot import run_plot_stage
-
-    written = _run(run_plot_stage)
+    written = _run("pipeline.stages.plot:run_plot_stage")
     typer.echo("plot: " + ", ".join(str(p) for p in written))
 
 
@@ -149,9 +153,7 @@ def plot() -> None:
 def report() -> None:
     """Stage `report`: render report/report.qmd to one self-contained report/report.html
     (Quarto when a `quarto` executable is on PATH, else pandoc from pypandoc-binary)."""
-    from pipeline.stages.report import run_report_stage
-
-    result = _run(run_report_stage)
+    result = _run("pipeline.stages.report:run_report_stage")
     typer.echo(f"report: rendered with {result['renderer']} -> {result['output']}")
 
 

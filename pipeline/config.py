@@ -66,7 +66,9 @@ PRESETS: dict[str, Preset] = {
 
 HOOKS = ("resid_post", "resid_pre")
 FEATURE_SOURCES = ("csv", "neuronpedia", "auto")
-INTERVENTIONS = ("scale", "clamp", "add")
+# The value that leaves the model untouched, per intervention (pipeline.engine.interventions).
+INTERVENTION_IDENTITY: dict[str, float | None] = {"scale": 1.0, "clamp": None, "add": 0.0}
+INTERVENTIONS = tuple(INTERVENTION_IDENTITY)
 DTYPES = ("float32", "bfloat16", "float16")
 _DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 

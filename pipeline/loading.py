@@ -13,8 +13,6 @@ loaded as is) and `tokenizer_spec.json`; SAEs as SAE-Lens `save_model` folders r
 from __future__ import annotations
 
 import json
-import os
-import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,6 +20,7 @@ import torch
 
 from pipeline.config import is_local_path
 from pipeline.errors import UserError
+from pipeline.quiet import quiet_library_warnings
 from pipeline.resolve import LayerPlan, same_tensor
 
 if TYPE_CHECKING:
@@ -31,21 +30,6 @@ if TYPE_CHECKING:
 MODEL_CONFIG = "config.json"
 MODEL_WEIGHTS = "model.safetensors"
 TOKENIZER_SPEC = "tokenizer_spec.json"
-
-
-def quiet_library_warnings() -> None:
-    """TransformerLens 3.9 warns on every HookedTransformer construction and SAE-Lens on every
-    SAE with model kwargs; both are about APIs we use on purpose. Keep the output readable."""
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", message=".*model_from_pretrained_kwargs.*")
-    warnings.filterwarnings("ignore", message=".*use_error_term.*")
-    import logging
-
-    for name in ("transformer_lens", "sae_lens", "transformers", "huggingface_hub", "datasets"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def resolve_device(name: str) -> torch.device:

@@ -5,8 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from pipeline.config import Config
-from pipeline.engine.interventions import INTERVENTIONS
+from pipeline.config import INTERVENTION_IDENTITY, Config
 from pipeline.resolve import model_from_pretrained_kwargs, plan_layers
 
 
@@ -17,7 +16,7 @@ def forward_passes(config: Config) -> dict[str, int]:
     one suffix per (feature, non-identity alpha, passage) at most (fewer when a feature is silent in
     a passage). plain: one full forward per (feature, alpha, passage) plus one clean per passage.
     """
-    identity = INTERVENTIONS[config.intervention].identity
+    identity = INTERVENTION_IDENTITY[config.intervention]
     n_values = len(config.alpha_sweep)
     active = n_values - (1 if identity in config.alpha_sweep else 0)
     n, f, b, layers = config.max_passages, config.features_per_layer, config.batch_size, len(config.layers)

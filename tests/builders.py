@@ -6,7 +6,7 @@ import warnings
 
 import torch
 
-from pipeline.loading import quiet_library_warnings
+from pipeline.quiet import quiet_library_warnings
 
 quiet_library_warnings()
 

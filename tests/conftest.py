@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.loading import quiet_library_warnings
+from pipeline.quiet import quiet_library_warnings
 
 ROOT = Path(__file__).resolve().parents[1]
 quiet_library_warnings()

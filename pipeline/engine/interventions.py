@@ -24,6 +24,8 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
+from pipeline.config import INTERVENTION_IDENTITY
+
 
 @dataclass(frozen=True)
 class Intervention:
@@ -51,21 +53,21 @@ SCALE = Intervention(
     name="scale",
     delta_fn=lambda a, d, alpha: ((alpha - 1.0) * a).unsqueeze(-1) * d,
     changes_fn=lambda a, alpha: (a != 0) & (alpha != 1.0),
-    identity=1.0,
+    identity=INTERVENTION_IDENTITY["scale"],
 )
 
 CLAMP = Intervention(
     name="clamp",
     delta_fn=lambda a, d, v: (v - a).unsqueeze(-1) * d,
     changes_fn=lambda a, v: a != v,
-    identity=None,
+    identity=INTERVENTION_IDENTITY["clamp"],
 )
 
 ADD = Intervention(
     name="add",
     delta_fn=lambda a, d, c: (torch.zeros_like(a) + c).unsqueeze(-1) * d,
     changes_fn=lambda a, c: (torch.zeros_like(a) + c) != 0.0,
-    identity=0.0,
+    identity=INTERVENTION_IDENTITY["add"],
 )
 
 INTERVENTIONS: dict[str, Intervention] = {i.name: i for i in (SCALE, CLAMP, ADD)}

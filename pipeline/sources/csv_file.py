@@ -30,7 +30,8 @@ def _int_cell(path: Path, row_no: int, column: str, value: str) -> int:
 
 
 def read_curated_csv(path: str | Path, layers: tuple[int, ...], per_layer: int,
-                     d_sae: dict[int, int]) -> list[FeatureChoice]:
+                     d_sae: dict[int, int] | None) -> list[FeatureChoice]:
+    """The chosen rows; `d_sae` None skips the index range check (before the SAEs are known)."""
     path = Path(path)
     if not path.exists():
         raise UserError(
@@ -56,7 +57,9 @@ def read_curated_csv(path: str | Path, layers: tuple[int, ...], per_layer: int,
         feature = _int_cell(path, i, "feature", row["feature"])
         if layer not in by_layer:
             raise UserError(f"{path} row {i}: layer {layer} is not in params `layers` {list(layers)}")
-        if feature < 0 or feature >= d_sae[layer]:
+        if feature < 0:
+            raise UserError(f"{path} row {i}: feature {feature} is negative; SAE feature indices start at 0")
+        if d_sae is not None and feature >= d_sae[layer]:
             raise UserError(f"{path} row {i}: feature {feature} is out of range for layer {layer}; "
                             f"allowed: 0..{d_sae[layer] - 1}")
         if (layer, feature) in seen:

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline import paths
-from pipeline.config import Config
+from pipeline.config import INTERVENTION_IDENTITY, Config
 from pipeline.errors import UserError
 from pipeline.io import write_csv, write_json
 from pipeline.runinfo import stage_record
@@ -144,12 +144,10 @@ def summary(per_feature: pd.DataFrame, config: Config, identity: float | None) -
 
 
 def run_aggregate_stage(config: Config) -> dict[str, Any]:
-    from pipeline.engine.interventions import INTERVENTIONS
-
     with stage_record("aggregate"):
         per_feature = per_feature_table(config)
         per_layer = per_layer_table(per_feature)
-        result = summary(per_feature, config, INTERVENTIONS[config.intervention].identity)
+        result = summary(per_feature, config, INTERVENTION_IDENTITY[config.intervention])
         write_csv(paths.PER_FEATURE, per_feature)
         write_csv(paths.PER_LAYER, per_layer)
         write_json(paths.SUMMARY, result)

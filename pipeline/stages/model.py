@@ -26,9 +26,12 @@ from pipeline.io import atomic_dir, read_json, sha256_file, write_json
 from pipeline.loading import MODEL_WEIGHTS, TOKENIZER_SPEC, load_model, load_sae, sae_model_kwargs
 from pipeline.resolve import LayerPlan, model_n_layers, plan_layers, pretrained_directory
 from pipeline.runinfo import device_description, stage_record
+from pipeline.validate import after_loading, preflight
 
 
 def run_model_stage(config: Config) -> dict[str, Any]:
+    preflight(config)  # a typo in any stage's input stops the study here, at second 1
+    user_config = config
     with stage_record("model") as record:
         # Checks and the toy's training run on the CPU: the record must not depend on the device.
         device = torch.device("cpu")
@@ -62,6 +65,7 @@ def run_model_stage(config: Config) -> dict[str, Any]:
             raise UserError(f"params.yaml: layers {too_deep} are out of range; {config.model} has "
                             f"{model.cfg.n_layers} layers (allowed 0..{model.cfg.n_layers - 1})")
 
+        after_loading(user_config, model.cfg.n_ctx, {p.layer: int(saes[p.layer].cfg.d_sae) for p in plans}, plans)
         layers = [_layer_entry(config, p, saes[p.layer], model, sae_files.get(p.layer, [])) for p in plans]
         resolved = {
             "preset": config.preset,
