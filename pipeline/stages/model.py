@@ -6,7 +6,7 @@ check it fits together; write data/model.json with repo ids, commits and weight 
 toy: build the 12-layer byte model and its SAEs into data/toy/ (pipeline.toy), then load them
 back through the local-directory path like any user's own model.
 
-The stage covers every layer of the model whatever `layers` says, so narrowing `layers` later
+The stage covers every layer of the model that has an SAE, whatever `layers` says, so narrowing `layers` later
 re-runs nothing here. Both write the SAE configs as SAE-Lens resolved them to data/<preset>/sae_configs.json. Later
 stages read data/model.json, never the preset keys: it is their single source of truth.
 """
@@ -24,7 +24,14 @@ from pipeline.config import Config
 from pipeline.errors import UserError
 from pipeline.io import atomic_dir, read_json, sha256_file, write_json
 from pipeline.loading import MODEL_WEIGHTS, TOKENIZER_SPEC, load_model, load_sae, sae_model_kwargs
-from pipeline.resolve import LayerPlan, model_n_layers, plan_layers, pretrained_directory
+from pipeline.resolve import (
+    LayerPlan,
+    available_saes,
+    equivalent_hooks,
+    model_n_layers,
+    plan_layers,
+    pretrained_directory,
+)
 from pipeline.runinfo import device_description, stage_record
 from pipeline.validate import after_loading, preflight
 
@@ -43,9 +50,11 @@ def run_model_stage(config: Config) -> dict[str, Any]:
                 record["toy"] = build_toy(tmp, config)
         # Every layer of the model, not only `layers`: changing `layers` later needs no download
         # and no rebuild of the toy.
+        plan_layers(config)  # the study's own layers must all be covered (clear error if not)
         n_layers = model_n_layers(config)
         if n_layers is not None:
-            config = dataclasses.replace(config, layers=tuple(range(n_layers)))
+            covered = [layer for layer in range(n_layers) if _has_sae(config, layer, n_layers)]
+            config = dataclasses.replace(config, layers=tuple(sorted(set(covered) | set(config.layers))))
         plans = plan_layers(config)
         availability = "local"
         sae_files: dict[int, list[hub.HubFile]] = {}
@@ -80,6 +89,11 @@ def run_model_stage(config: Config) -> dict[str, Any]:
                    {str(p.layer): saes[p.layer].cfg.to_dict() for p in plans})
         write_json(paths.MODEL_JSON, resolved)
     return resolved
+
+
+def _has_sae(config: Config, layer: int, n_layers: int) -> bool:
+    ids, _, _ = available_saes(config)
+    return any(h in ids for h in equivalent_hooks(config.hook, layer, n_layers))
 
 
 def _hub_sae_files(config: Config, plans: list[LayerPlan]) -> dict[int, list[hub.HubFile]]:
