@@ -1,0 +1,147 @@
+"""Everything the report reads, loaded once and checked for staleness.
+
+The report reads only files earlier stages wrote (data/model.json, data/tokens.json,
+data/features.csv, data/detail/, metrics/, plots/, data/runs/) plus the current params for the
+headline alpha, the layers and the live percentile. A missing file is a one-line `UserError`
+naming it and the stage that writes it; outputs that disagree with params (another alpha, other
+layers) are refused as stale rather than reported under the wrong heading.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import math
+import os
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from pipeline import paths
+from pipeline.config import Config
+from pipeline.errors import UserError
+from pipeline.io import read_json
+from pipeline.stages import plot
+
+
+@dataclass(frozen=True)
+class ReportInputs:
+    alpha: float
+    layers: tuple[int, ...]
+    live_percentile: float
+    model: dict[str, Any]  # data/model.json
+    tokens: dict[str, Any]  # data/tokens.json
+    features: pd.DataFrame  # data/features.csv, the studied layers only
+    per_feature: pd.DataFrame  # metrics/per_feature_metrics.csv, every alpha
+    summary: dict[str, Any]  # metrics/summary.json
+    details: dict[int, dict[str, Any]]  # data/detail/layer_L.json
+    runs: dict[str, dict[str, Any]]  # data/runs/<stage>.json, those that exist
+    figures: dict[str, Path]  # "headline", "dce_vs_alpha", "kl_vs_alpha", "kl_heatmap" -> PNG
+
+    @property
+    def headline(self) -> pd.DataFrame:
+        """The per-feature rows at the headline alpha, in layer then feature order."""
+        rows = self.per_feature[self.per_feature["alpha"] == self.alpha]
+        return rows.sort_values(["layer", "feature"], kind="stable").reset_index(drop=True)
+
+    @property
+    def alphas(self) -> list[float]:
+        return sorted(float(a) for a in self.per_feature["alpha"].unique())
+
+    @property
+    def intervention(self) -> str:
+        return str(self.per_feature["intervention"].iloc[0])
+
+    @property
+    def is_toy(self) -> bool:
+        return self.model.get("preset") == "toy"
+
+    def layer_entry(self, layer: int) -> dict[str, Any]:
+        for entry in self.model.get("layers", []):
+            if int(entry["layer"]) == layer:
+                return entry
+        return {}
+
+
+def _need(path: Path, stage: str) -> Path:
+    if not path.exists():
+        raise UserError(f"{path} not found; run the {stage} stage first (`dvc repro {stage}`)")
+    return path
+
+
+def _read_csv(path: Path) -> pd.DataFrame:
+    # Empty cells are NaN, but a token or label that reads "NA" or "null" stays text.
+    return pd.read_csv(path, keep_default_na=False, na_values=["", "nan", "NaN"])
+
+
+def load_inputs(config: Config) -> ReportInputs:
+    model = read_json(_need(paths.MODEL_JSON, "model"))
+    tokens = read_json(_need(paths.TOKENS_META, "tokenize"))
+    features = _read_csv(_need(paths.FEATURES, "features"))
+    per_feature = _read_csv(_need(paths.PER_FEATURE, "aggregate"))
+    summary = read_json(_need(paths.SUMMARY, "aggregate"))
+
+    have_layers = sorted(int(x) for x in per_feature["layer"].unique())
+    if have_layers != sorted(config.layers):
+        raise UserError(f"{paths.PER_FEATURE} covers layers {have_layers} but params `layers` is "
+                        f"{list(config.layers)}; it is stale: rerun `dvc repro aggregate`")
+    if not (per_feature["alpha"] == config.alpha).any():
+        raise UserError(f"{paths.PER_FEATURE} has no rows at alpha {config.alpha:g}; it is stale: rerun `dvc repro`")
+    features = features[features["layer"].isin(config.layers)].reset_index(drop=True)
+
+    details = {}
+    for layer in config.layers:
+        path = _need(paths.layer_detail(layer), f"intervene@{layer}")
+        details[layer] = read_json(path)
+        if float(details[layer].get("alpha", config.alpha)) != config.alpha:
+            raise UserError(f"{path} holds snippets at alpha {details[layer]['alpha']:g} but params alpha is "
+                            f"{config.alpha:g}; it is stale: rerun `dvc repro intervene@{layer}`")
+
+    figures = {
+        "headline": _need(plot.headline_png(config.alpha), "plot"),
+        "dce_vs_alpha": _need(plot.DCE_VS_ALPHA_PNG, "plot"),
+        "kl_vs_alpha": _need(plot.KL_VS_ALPHA_PNG, "plot"),
+        "kl_heatmap": _need(plot.KL_HEATMAP_PNG, "plot"),
+    }
+
+    stages = ["model", "tokenize", "features", *(f"intervene_{layer}" for layer in config.layers), "aggregate", "plot"]
+    runs = {s: read_json(paths.run_record(s)) for s in stages if paths.run_record(s).exists()}
+
+    return ReportInputs(alpha=config.alpha, layers=tuple(config.layers), live_percentile=config.live_percentile,
+                        model=model, tokens=tokens, features=features, per_feature=per_feature, summary=summary,
+                        details=details, runs=runs, figures=figures)
+
+
+def git_revision(cwd: Path | None = None) -> str | None:
+    """`git rev-parse --short HEAD`, with "+dirty" when tracked files differ from it; None outside git."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=cwd, capture_output=True, text=True,
+                              timeout=10, check=True).stdout.strip()
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
+                                capture_output=True, text=True, timeout=30, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return f"{head}+dirty" if status else head
+
+
+def dvc_description() -> str:
+    """DVC's version and, inside `dvc exp run`, the experiment's name and baseline."""
+    try:
+        text = f"dvc {importlib.metadata.version('dvc')}"
+    except importlib.metadata.PackageNotFoundError:
+        text = "dvc not installed"
+    name = os.environ.get("DVC_EXP_NAME")
+    baseline = os.environ.get("DVC_EXP_BASELINE_REV")
+    if name:
+        text += f", experiment {name}"
+    if baseline:
+        text += f" (baseline {baseline[:7]})"
+    if not name and not baseline:
+        text += " (not run as a DVC experiment)"
+    return text
+
+
+def finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
