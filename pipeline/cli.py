@@ -150,10 +150,12 @@ def plot() -> None:
 
 
 @app.command()
-def report() -> None:
+def report(
+    renderer: str = typer.Option("auto", "--renderer", help="auto (Quarto if on PATH, else pandoc), quarto or pandoc."),
+) -> None:
     """Stage `report`: render report/report.qmd to one self-contained report/report.html
     (Quarto when a `quarto` executable is on PATH, else pandoc from pypandoc-binary)."""
-    result = _run("pipeline.stages.report:run_report_stage")
+    result = _run("pipeline.stages.report:run_report_stage", renderer)
     typer.echo(f"report: rendered with {result['renderer']} -> {result['output']}")
 
 

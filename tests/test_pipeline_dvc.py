@@ -69,6 +69,8 @@ def test_toy_study_runs_end_to_end_with_every_output(project):
     for name in ("layer_vs_dloss_alpha2.png", "dce_vs_alpha.png", "kl_vs_alpha.png", "kl_heatmap.png",
                  "layer_dce.csv", "alpha_sweep.csv", "kl_heatmap.csv"):
         assert (project / "plots" / name).stat().st_size > 0, name
+    html = (project / "report/report.html").read_text()
+    assert "data:image/png;base64," in html and "<math" in html
 
 
 def test_another_alpha_changes_the_metrics_and_dvc_diffs_them(project):
@@ -89,10 +91,10 @@ def test_another_alpha_changes_the_metrics_and_dvc_diffs_them(project):
     assert changes["mean_kl"]["old"] == before["mean_kl"] and changes["mean_kl"]["new"] == after["mean_kl"]
 
 
-def test_a_plot_only_change_reruns_only_the_plot_stage(project):
+def test_a_plot_only_change_reruns_no_forward_pass(project):
     result = run_dvc(["exp", "run", *SMALL, "-S", "alpha=4", "-S", "plot_dpi=80"], project)
     assert result.returncode == 0, result.stdout + result.stderr
     ran = [line for line in result.stdout.splitlines() if line.startswith("Running stage")]
-    assert ran == ["Running stage 'plot':"], result.stdout
+    assert ran == ["Running stage 'plot':", "Running stage 'report':"], result.stdout
     status = run_dvc(["status", "--json"], project)
     assert json.loads(status.stdout) == {}

@@ -12,8 +12,8 @@ from pipeline.engine.forward import FeatureEncoder, final_residual, intervened_r
 from pipeline.engine.interventions import Intervention
 from pipeline.tokenizer import Tokenizer
 
-CONTEXT_BEFORE = 24
-CONTEXT_AFTER = 6
+CONTEXT_CHARS_BEFORE = 120  # about a line of text, whatever the tokenizer (bytes or BPE)
+CONTEXT_CHARS_AFTER = 30
 TOP_PREDICTIONS = 5
 
 
@@ -58,7 +58,7 @@ def feature_snippets(model, encoder: FeatureEncoder, resume_at: int, tokens: np.
     intervened = unembed(model, final_residual(model, x, resume_at))
     out = []
     for row, (p, t, a) in enumerate(found):
-        lo, hi = max(1, t - CONTEXT_BEFORE), min(tokens.shape[1], t + 1 + CONTEXT_AFTER)
+        lo, hi = _context_bounds(tokens[p], t, tokenizer)
         out.append({
             "passage": p,
             "position": t,
@@ -70,6 +70,19 @@ def feature_snippets(model, encoder: FeatureEncoder, resume_at: int, tokens: np.
             "intervened_top": _top(torch.softmax(intervened[row, t], -1), tokenizer),
         })
     return out
+
+
+def _context_bounds(passage: np.ndarray, t: int, tokenizer: Tokenizer) -> tuple[int, int]:
+    """[lo, hi) around position t holding about CONTEXT_CHARS_BEFORE/AFTER characters (BOS excluded)."""
+    lo, chars = t, 0
+    while lo > 1 and chars < CONTEXT_CHARS_BEFORE:
+        lo -= 1
+        chars += len(tokenizer.token_str(int(passage[lo])))
+    hi, chars = t + 1, 0
+    while hi < len(passage) and chars < CONTEXT_CHARS_AFTER:
+        chars += len(tokenizer.token_str(int(passage[hi])))
+        hi += 1
+    return lo, hi
 
 
 @torch.inference_mode()

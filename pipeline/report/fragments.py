@@ -93,9 +93,17 @@ def _with_se(value: Any, se: Any, mark: bool = False) -> str:
     return main + (f'<br><span class="se">± {h(num(se, 2))}</span>' if is_number(se) else "")
 
 
-def _tokens_block(r: pd.Series, has_np: bool) -> str:
+def _direct_cell(pairs: list[list[Any]] | None) -> str:
+    """W_dec[i] @ W_U entries from data/detail ([token, id, value]) as a token list cell."""
+    return _tokens_cell([[p[0], p[-1]] for p in (pairs or [])])
+
+
+def _tokens_block(r: pd.Series, has_np: bool, direct: dict[str, Any] | None) -> str:
     lines = [f'<div class="toks"><span class="sign">+</span>{_tokens_cell(r["top_promoted"])}</div>',
              f'<div class="toks"><span class="sign">−</span>{_tokens_cell(r["top_suppressed"])}</div>']
+    if direct:
+        lines += [f'<div class="toks np"><span class="sign">W<sub>U</sub> +</span>{_direct_cell(direct.get("promoted"))}</div>',
+                  f'<div class="toks np"><span class="sign">W<sub>U</sub> −</span>{_direct_cell(direct.get("suppressed"))}</div>']
     if has_np:
         lines += [f'<div class="toks np"><span class="sign">NP +</span>{_tokens_cell(r["np_pos_tokens"])}</div>',
                   f'<div class="toks np"><span class="sign">NP −</span>{_tokens_cell(r["np_neg_tokens"])}</div>']
@@ -112,7 +120,9 @@ def features_fragment(inputs: ReportInputs) -> str:
              "<thead><tr>" + "".join(f'<th class="{c}">{h(name)}</th>' for name, c in columns) + "</tr></thead>",
              "<tbody>"]
     for layer, group in head.groupby("layer", sort=True):
+        detail = {int(f["feature"]): f for f in inputs.details[int(layer)]["features"]}
         for i, (_, r) in enumerate(group.iterrows()):
+            direct = detail.get(int(r["feature"]), {}).get("direct_logit_effect")
             cells = []
             if i == 0:
                 cells.append(f'<th class="layer" rowspan="{len(group)}">{int(layer)}</th>')
@@ -126,7 +136,7 @@ def features_fragment(inputs: ReportInputs) -> str:
                 f'<td class="num">{_with_se(r["kl"], r["kl_se"])}</td>',
                 f'<td class="num">{h(num(r["kl_live"]))}</td>',
                 f'<td class="num">{h(integer(r["n_live"]))}<br><span class="se">{h(pct(r["frac_live"]))}</span></td>',
-                f'<td class="tokens">{_tokens_block(r, has_np)}</td>',
+                f'<td class="tokens">{_tokens_block(r, has_np, direct)}</td>',
             ]
             lines.append(f'<tr class="{"first" if i == 0 else "rest"}">' + "".join(cells) + "</tr>")
     lines.append("</tbody></table>")
@@ -135,9 +145,12 @@ def features_fragment(inputs: ReportInputs) -> str:
              f"errors from zero. *Live* is the number (and share) of live positions. The tokens are ours: the largest "
              f"and smallest mean changes of the centred logits at live positions. Tokens are quoted; a shaded ↵ is a "
              f"newline, ⇥ a tab, \\xNN another invisible character.")
+    intro += (" The W<sub>U</sub> rows are the feature's direct effect on the logits, its decoder direction times "
+              "the unembedding (W<sub>dec</sub>[i] W<sub>U</sub>), from the same weights: what the feature writes, "
+              "before the rest of the model reacts.")
     if has_np:
-        intro += (" NP rows are Neuronpedia's top positive and negative logits for the feature (decoder direction "
-                  "times unembedding), for comparison.")
+        intro += (" NP rows are Neuronpedia's own top positive and negative logits for the feature (the same "
+                  "product, computed by Neuronpedia), for comparison.")
     if head["neuronpedia_url"].notna().any():
         intro += " Feature indices and labels link to the feature's Neuronpedia page."
     return intro + "\n\n" + raw_html("\n".join(lines))

@@ -86,21 +86,25 @@ def per_layer_table(per_feature: pd.DataFrame) -> pd.DataFrame:
     return out.reset_index()
 
 
+METRIC_COLUMNS = ["ce_clean", "ce_int", "delta_ce", "delta_ce_se", "kl", "kl_se", "live_threshold", "n_live",
+                  "frac_live", "mean_act_live", "delta_ce_live", "kl_live", "density", "max_act"]
+
+
 def sanity(per_feature: pd.DataFrame, identity: float | None) -> dict[str, Any]:
-    """Checks computed from the data: they belong in the report next to the numbers."""
-    numeric = per_feature.select_dtypes("number")
-    live_cols = ["delta_ce_live", "kl_live", "mean_act_live"]
-    nan_live_ok = per_feature["n_live"] == 0
-    nan_mask = numeric.isna()
-    allowed = pd.DataFrame(False, index=numeric.index, columns=numeric.columns)
-    for col in live_cols:
-        allowed[col] = nan_live_ok
+    """Checks computed from the data: they belong in the report next to the numbers.
+
+    NaN is allowed by definition only in the live-position means when no position is live, and
+    in the standard errors of a single passage; anything else is counted as unexpected."""
+    metrics = per_feature[METRIC_COLUMNS]
+    allowed = pd.DataFrame(False, index=metrics.index, columns=metrics.columns)
+    no_live = per_feature["n_live"] == 0
+    for col in ("delta_ce_live", "kl_live", "mean_act_live"):
+        allowed[col] = no_live
     for col in ("delta_ce_se", "kl_se"):
         allowed[col] = per_feature["n_passages"] < 2
-    unexpected_nan = int((nan_mask & ~allowed).to_numpy().sum())
     out: dict[str, Any] = {
-        "nan_values": unexpected_nan,
-        "nan_live_rows": int(nan_live_ok.sum()),
+        "nan_values": int((metrics.isna() & ~allowed).to_numpy().sum()),
+        "nan_live_rows": int(no_live.sum()),
         "kl_min": float(per_feature["kl"].min()),
         "kl_negative_rows": int((per_feature["kl"] < -KL_TOLERANCE).sum()),
     }

@@ -108,7 +108,7 @@ def kl_heatmap(per_feature: pd.DataFrame, alpha: float, dpi: int) -> pd.DataFram
         if len(feat):
             ax.text(j, i, f"{int(feat.iloc[0])}\n{v:.2g}", ha="center", va="center", fontsize=6.5,
                     color="white" if v > np.nanmax(grid.to_numpy()) / 2 else "black")
-    ax.set_xlabel("feature (in features.csv order; cell: index and KL)")
+    ax.set_xlabel("features of the layer, by index (cell: feature index and KL)")
     ax.set_ylabel("layer")
     ax.set_title(f"KL(clean ‖ intervened) at α = {alpha:g}")
     fig.colorbar(im, ax=ax, label="nats")
