@@ -296,3 +296,12 @@ def test_out_of_memory_halves_the_batch_and_says_so(monkeypatch, caplog):
     np.testing.assert_allclose(got.ce_int, expected.ce_int, atol=1e-6, rtol=0)
     np.testing.assert_allclose(got.kl, expected.kl, atol=1e-6, rtol=0)
     np.testing.assert_allclose(got.delta_sum, expected.delta_sum, atol=1e-6, rtol=0)
+
+
+def test_cached_unembedding_is_transformer_lens_own_bit_for_bit():
+    model = build_model()
+    final = torch.randn(3, 7, 16)
+    with torch.no_grad():
+        assert torch.equal(fwd.unembed(model, final), model.unembed(final))
+        model.unembed.W_U.add_(1.0)  # a changed weight is not served from the cache
+        assert torch.equal(fwd.unembed(model, final), model.unembed(final))

@@ -33,12 +33,29 @@ def final_residual(model, resid: Float[Tensor, "batch pos d_model"], resume_at: 
     return resid
 
 
+_UNEMBED_WEIGHT: dict[tuple[int, int, int], Tensor] = {}
+
+
+def _unembed_weight(model) -> Tensor:
+    """W_U transposed and contiguous, as TransformerLens's Unembed builds it on *every* call (a
+    154 MB copy for GPT-2); cached here while W_U is unchanged (keyed by storage and version)."""
+    w = model.unembed.W_U
+    key = (id(model), w.data_ptr(), w._version)
+    if key not in _UNEMBED_WEIGHT:
+        _UNEMBED_WEIGHT.clear()
+        _UNEMBED_WEIGHT[key] = w.T.contiguous()
+    return _UNEMBED_WEIGHT[key]
+
+
 def unembed(model, final: Float[Tensor, "*rows d_model"]) -> Float[Tensor, "*rows d_vocab"]:
-    """Logits from final-layer-norm outputs, in float32 whatever the model's dtype."""
+    """Logits from final-layer-norm outputs, in float32 whatever the model's dtype.
+
+    Bit-for-bit TransformerLens's `model.unembed` (the same F.linear on the same weight layout),
+    without its per-call weight copy."""
     from transformer_lens.utilities.activation_functions import apply_softcap
 
-    logits = apply_softcap(model.unembed(final), model.cfg.output_logits_soft_cap)
-    return logits.float()
+    logits = torch.nn.functional.linear(final, _unembed_weight(model), model.unembed.b_U)
+    return apply_softcap(logits, model.cfg.output_logits_soft_cap).float()
 
 
 def full_logits(model, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos d_vocab"]:

@@ -12,7 +12,9 @@ computes the same numbers with less work, each shortcut exact (tests/test_engine
    in a changed passage, positions before the first change are unchanged (causal attention), so
    their logits are not recomputed.
 5. One encoder column per feature for column-separable SAEs (pipeline.engine.forward).
-6. Logits in position chunks of at most `chunk_elems` floats, so memory stays bounded.
+6. Each row is scored against its own passage's clean log-probs through views, never a gathered
+   [positions x vocab] copy; logits come in position chunks of at most `chunk_elems` floats, so
+   memory stays bounded; the unembedding weight is laid out once (pipeline.engine.forward).
 
 Rows and positions skipped by (4) keep ce_int = ce_clean and kl = 0 exactly; a forward pass would
 give those values up to float rounding. `shortcuts=False` turns (4) off for tests and benchmarks.
@@ -150,19 +152,28 @@ def run_layer(
     values_dev = torch.tensor(values, dtype=directions.dtype, device=device)
     chunk_tokens = max(1, chunk_elems // d_vocab)
 
+    def log_probs(final_rows: Tensor) -> Tensor:
+        """log softmax of the logits, float32, computed in place on the unembedding's output."""
+        lp = unembed(model, final_rows)
+        return lp.sub_(torch.logsumexp(lp, -1, keepdim=True))
+
     # ---- 2. per passage block: the clean suffix, then every variant row that changes something
     def block(b0: int, bs: int) -> int:
         b1 = min(b0 + bs, n)
         bp = b1 - b0
         tok = tokens[b0:b1].to(device)
         targets = tok[:, 2:].reshape(-1)  # next token of scored positions t = 1..T-2
-        final_c = final_residual(model, resid_all[b0:b1], resume_at)[:, 1:-1].reshape(bp * s_len, -1)
+        final_c = final_residual(model, resid_all[b0:b1], resume_at)
         stats.suffix_calls += 1
-        lp_clean = torch.empty((bp * s_len, d_vocab), dtype=torch.float32, device=device)
-        for c in range(0, bp * s_len, chunk_tokens):
-            lp_clean[c:c + chunk_tokens] = torch.log_softmax(unembed(model, final_c[c:c + chunk_tokens]), -1)
+        # The clean log-probs go through exactly the computation (and chunking) an intervened row
+        # starting at t = 1 goes through, so an unchanged row reproduces them bit for bit.
+        lp_clean = torch.empty((bp, s_len, d_vocab), dtype=torch.float32, device=device)
+        for j in range(bp):
+            for s0 in range(0, s_len, chunk_tokens):
+                s1 = min(s0 + chunk_tokens, s_len)
+                lp_clean[j, s0:s1] = log_probs(final_c[j, s0 + 1:s1 + 1])
         p_clean = lp_clean.exp()
-        ce_c = -lp_clean.gather(1, targets[:, None]).squeeze(1).view(bp, s_len)
+        ce_c = -lp_clean.view(bp * s_len, d_vocab).gather(1, targets[:, None]).squeeze(1).view(bp, s_len)
 
         # Variant rows: (feature, value index, passage in block, first position to score).
         acts_blk = acts_all[b0:b1]  # [bp, T, F]
@@ -185,35 +196,39 @@ def run_layer(
         ce_i_blk = ce_c[None, None].expand(n_feat, n_val, bp, s_len).clone()
         kl_blk = torch.zeros((n_feat, n_val, bp, s_len), dtype=torch.float32, device=device)
         delta_blk = torch.zeros_like(delta_sum)
+        lp_clean_blk, p_clean_blk = lp_clean, p_clean
+        targets_blk = targets.view(bp, s_len)
+
+        def score_positions(final_rows: Tensor, f: int, a: int, j: int, s0: int, s1: int) -> None:
+            """CE, KL and live logit deltas of one variant row at scored positions s0..s1-1."""
+            lp = log_probs(final_rows)  # log p_int, [s1 - s0, V]
+            ce_i_blk[f, a, j, s0:s1] = -lp.gather(1, targets_blk[j, s0:s1, None]).squeeze(1)
+            diff = lp.sub_(lp_clean_blk[j, s0:s1])  # log p_int - log p_clean, in place
+            # sum_v p_clean (log p_clean - log p_int), as a batched dot product: no temporary
+            kl_blk[f, a, j, s0:s1] = -torch.bmm(p_clean_blk[j, s0:s1, None, :], diff[:, :, None]).view(-1)
+            is_live = live_dev[f, b0 + j, s0:s1]
+            if bool(is_live.any()):
+                centred = diff[is_live]
+                centred = centred - centred.mean(-1, keepdim=True)
+                delta_blk[f * n_val + a] += centred.sum(0).to(acc_dtype)
+            stats.positions_unembedded += s1 - s0
         for r0 in range(0, len(rows_f), bs):
             rf = torch.tensor(rows_f[r0:r0 + bs], device=device)
             ra = torch.tensor(rows_a[r0:r0 + bs], device=device)
             rj = torch.tensor(rows_j[r0:r0 + bs], device=device)
-            rt0 = torch.tensor(rows_t0[r0:r0 + bs], device=device)
             x = resid_all[b0 + rj]  # [R, T, d]
             acts_rows = acts_blk[rj, :, rf]  # [R, T]
             delta = intervention.delta(acts_rows.to(directions.dtype), directions[rf][:, None, :], values_dev[ra][:, None])
             final = final_residual(model, x + delta.to(x.dtype), resume_at)
             stats.suffix_calls += 1
 
-            # Positions to score: t in [max(1, t0), T-2] for each row.
-            pos = torch.arange(t_len, device=device)
-            want = (pos[None, :] >= rt0[:, None]) & (pos[None, :] >= 1) & (pos[None, :] <= t_len - 2)
-            r_idx, t_idx = want.nonzero(as_tuple=True)
-            stats.positions_unembedded += int(r_idx.numel())
-            for c in range(0, r_idx.numel(), chunk_tokens):
-                rc, tc = r_idx[c:c + chunk_tokens], t_idx[c:c + chunk_tokens]
-                fc, ac, jc, sc = rf[rc], ra[rc], rj[rc], tc - 1
-                clean_rows = jc * s_len + sc
-                lp_i = torch.log_softmax(unembed(model, final[rc, tc]), -1)
-                diff = lp_i - lp_clean[clean_rows]  # log p_int - log p_clean
-                ce_i_blk[fc, ac, jc, sc] = -lp_i.gather(1, targets[clean_rows][:, None]).squeeze(1)
-                kl_blk[fc, ac, jc, sc] = -(p_clean[clean_rows] * diff).sum(-1)
-                is_live = live_dev[fc, b0 + jc, sc]
-                if bool(is_live.any()):
-                    centred = diff[is_live]
-                    centred = centred - centred.mean(-1, keepdim=True)
-                    delta_blk.index_add_(0, (fc * n_val + ac)[is_live], centred.to(acc_dtype))
+            # Score each row at t in [t0, T-2] against its own passage's clean distributions.
+            # Slicing the clean block is a view, so no [positions x vocab] gather is ever copied.
+            for r in range(len(rf)):
+                f, a, j, t0 = rows_f[r0 + r], rows_a[r0 + r], rows_j[r0 + r], rows_t0[r0 + r]
+                for s0 in range(t0 - 1, s_len, chunk_tokens):
+                    s1 = min(s0 + chunk_tokens, s_len)
+                    score_positions(final[r, s0 + 1:s1 + 1], f, a, j, s0, s1)
         # Commit the block only once all of it succeeded (an OOM retry redoes it whole).
         ce_clean[b0:b1] = ce_c.double().cpu().numpy()
         ce_int[:, :, b0:b1] = ce_i_blk.double().cpu().numpy()
