@@ -226,6 +226,17 @@ def peak_memory(device: torch.device) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
+def timed_engine(model, sae, resume_at: int, tokens: torch.Tensor, features: list[int], w: Workload
+                 ) -> tuple[LayerResult, np.ndarray, float]:
+    """The engine as `intervene` runs it (run_layer + metrics), and its wall time."""
+    _sync(tokens.device)
+    start = time.perf_counter()
+    result = run_layer(model, sae, resume_at, tokens.cpu(), features, list(w.alphas), batch_size=w.batch_size)
+    table = metrics_table(result.ce_clean, result.ce_int, result.kl, result.acts, len(features), len(w.alphas))
+    _sync(tokens.device)
+    return result, table, time.perf_counter() - start
+
+
 def run_workload(w: Workload, device: torch.device, dtypes: list[str], skip_plain: bool, log) -> dict[str, Any]:
     hook = f"blocks.{w.layer}.hook_resid_post"
     resume_at = w.layer + 1
@@ -242,12 +253,7 @@ def run_workload(w: Workload, device: torch.device, dtypes: list[str], skip_plai
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    _sync(device)
-    start = time.perf_counter()
-    result = run_layer(model, sae, resume_at, tokens.cpu(), features, list(w.alphas), batch_size=w.batch_size)
-    engine_table = metrics_table(result.ce_clean, result.ce_int, result.kl, result.acts, len(features), len(w.alphas))
-    _sync(device)
-    engine_s = time.perf_counter() - start
+    result, engine_table, engine_s = timed_engine(model, sae, resume_at, tokens, features, w)
     engine_peak = peak_memory(device)
     flops = engine_flops(result, w.n_passages, w.max_len, resume_at)
     rate = matmul_rate(device)
@@ -291,12 +297,7 @@ def run_workload(w: Workload, device: torch.device, dtypes: list[str], skip_plai
         low_model.load_state_dict(model.state_dict())
         low_sae = build_sae(device, dtype, hook)
         low_sae.load_state_dict(sae.state_dict())
-        _sync(device)
-        start = time.perf_counter()
-        low = run_layer(low_model, low_sae, resume_at, tokens.cpu(), features, list(w.alphas), batch_size=w.batch_size)
-        low_table = metrics_table(low.ce_clean, low.ce_int, low.kl, low.acts, len(features), len(w.alphas))
-        _sync(device)
-        low_s = time.perf_counter() - start
+        _, low_table, low_s = timed_engine(low_model, low_sae, resume_at, tokens, features, w)
         out.setdefault("dtypes", {})[dtype] = {"engine_s": low_s, "max_rel_diff_vs_float32": max_rel_diff(low_table, engine_table)}
         log(f"  {dtype:8s}{low_s:8.2f} s  max relative difference vs float32 {max_rel_diff(low_table, engine_table):.2e}")
     return out
