@@ -84,7 +84,7 @@ def build_sae(device: torch.device, dtype: str, hook: str, seed: int = 0):
     from sae_lens.saes.sae import SAEMetadata
 
     torch.manual_seed(seed)
-    sae = StandardSAE(StandardSAEConfig(d_in=768, d_sae=D_SAE, dtype=dtype, device=str(device),
+    sae = StandardSAE(StandardSAEConfig(d_in=GPT2_SMALL_SHAPE["d_model"], d_sae=D_SAE, dtype=dtype, device=str(device),
                                         metadata=SAEMetadata(hook_name=hook, model_name="gpt2-shaped")))
     with torch.no_grad():
         sae.W_dec.div_(sae.W_dec.norm(dim=1, keepdim=True))
@@ -98,7 +98,7 @@ def build_sae(device: torch.device, dtype: str, hook: str, seed: int = 0):
 def make_sparse(model, sae, tokens: torch.Tensor, hook: str, features: list[int], density: float) -> None:
     """Shift the features' encoder biases so each fires on about `density` of the positions."""
     _, cache = model.run_with_cache(tokens, names_filter=[hook])
-    x = sae.process_sae_in(cache[hook][:, 1:].reshape(-1, 768))
+    x = sae.process_sae_in(cache[hook][:, 1:].reshape(-1, sae.cfg.d_in))
     pre = (x @ sae.W_enc[:, features] + sae.b_enc[features]).float()
     q = torch.quantile(pre[:100_000], 1.0 - density, dim=0)
     # A margin keeps the position at the quantile clear of 0: a pre-activation within rounding of
@@ -187,14 +187,15 @@ def engine_flops(result: LayerResult, n: int, t: int, resume_at: int) -> float:
     prefix = block_flops(n * t, t) * resume_at
     suffix = block_flops((n + result.stats.rows_run) * t, t) * (n_layers - resume_at)
     unembed = unembed_flops(n * (t - 2) + result.stats.positions_unembedded)
-    encoder = 2 * n * t * 768 * len(result.features)
+    encoder = 2 * n * t * GPT2_SMALL_SHAPE["d_model"] * len(result.features)
     return prefix + suffix + unembed + encoder
 
 
 def plain_flops(n: int, t: int, n_variants: int) -> float:
     full = block_flops(n * t, t) * GPT2_SMALL_SHAPE["n_layers"] + unembed_flops(n * t)
-    sae = n * t * 4 * 2 * 768 * D_SAE  # encode + decode, twice for the error term
-    return full * (1 + n_variants) + sae * n_variants + n * t * 2 * 768 * D_SAE
+    d = GPT2_SMALL_SHAPE["d_model"]
+    sae = n * t * 4 * 2 * d * D_SAE  # encode + decode, twice for the error term
+    return full * (1 + n_variants) + sae * n_variants + n * t * 2 * d * D_SAE
 
 
 def _sync(device: torch.device) -> None:
@@ -242,9 +243,9 @@ def run_workload(w: Workload, device: torch.device, dtypes: list[str], skip_plai
     resume_at = w.layer + 1
     g = torch.Generator().manual_seed(1)
     tokens = torch.randint(0, GPT2_SMALL_SHAPE["d_vocab"], (w.n_passages, w.max_len), generator=g)
-    tokens[:, 0] = 50256
+    tokens[:, 0] = GPT2_SMALL_SHAPE["d_vocab"] - 1  # <|endoftext|> = 50256 is GPT-2's BOS
     tokens = tokens.to(device)
-    features = list(range(100, 100 + 37 * w.n_features, 37))
+    features = [(100 + 37 * i) % D_SAE for i in range(w.n_features)]
     model = build_model(device, torch.float32)
     sae = build_sae(device, "float32", hook)
     if w.density is not None:
