@@ -3,16 +3,20 @@
 For each layer every SAE feature's density (fraction of scored positions where it fires) and
 maximum activation are measured on data/tokens.npy. Candidates are the features whose density
 lies in [min_density, max_density]: not dead, not always on. The candidates, sorted by density,
-are split into `features_per_layer` equal groups and the feature with the largest maximum
-activation is taken from each group, so the choice spans the density band and favours features
-that fire strongly when they fire. It is deterministic (ties go to the lower index).
+are split into `features_per_layer` equal groups; from each group the feature with the largest
+maximum activation is taken, unless its main firing token is that of a feature already chosen in
+the layer, in which case the next strongest of the group's top few that differs is. So the choice
+spans the density band, favours features that fire strongly when they fire, and does not fill a
+layer with five features of one token. It is deterministic (ties go to the lower index).
 
-Each chosen feature gets a label proposed from the data: the tokens it fires on most often.
+Each chosen feature gets a label proposed from the data: the tokens it fires on most often and the
+token that most often comes just before, e.g. "fires on 'd' 85%, 'D' 6% (after ' ' 37%)".
 """
 
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -45,9 +49,12 @@ def activation_stats(model, saes: dict, plans: dict[int, LayerPlan], tokens: np.
             n_scored)
 
 
-def choose(layer: int, counts: np.ndarray, maxes: np.ndarray, n_scored: int, k: int,
-           min_density: float, max_density: float) -> list[tuple[int, float, float, str]]:
-    """(feature, density, max activation, reason) for k features spanning the density band."""
+SHORTLIST = 4  # candidates per density group whose firing tokens are looked at
+
+
+def shortlist(layer: int, counts: np.ndarray, maxes: np.ndarray, n_scored: int, k: int,
+              min_density: float, max_density: float) -> tuple[list[np.ndarray], np.ndarray, int]:
+    """k density groups spanning the band, each's candidates ordered by max activation (ties: index)."""
     density = counts / n_scored
     candidates = np.flatnonzero((density >= min_density) & (density <= max_density) & (counts > 0))
     if len(candidates) < k:
@@ -57,46 +64,74 @@ def choose(layer: int, counts: np.ndarray, maxes: np.ndarray, n_scored: int, k: 
             "widen min_density/max_density or use more passages"
         )
     by_density = candidates[np.lexsort((candidates, density[candidates]))]
-    chosen = []
-    for g, group in enumerate(np.array_split(by_density, k)):
-        best = group[np.lexsort((group, -maxes[group]))[0]]
-        reason = (f"auto: density {density[best]:.3%} (group {g + 1}/{k} of {len(candidates)} candidates "
-                  f"in [{min_density:g}, {max_density:g}]), largest max activation in its group")
-        chosen.append((int(best), float(density[best]), float(maxes[best]), reason))
-    return chosen
+    groups = [g[np.lexsort((g, -maxes[g]))] for g in np.array_split(by_density, k)]
+    return groups, density, len(candidates)
+
+
+@dataclass
+class FiringProfile:
+    """Which tokens a feature fires on, and which tokens come just before them."""
+
+    on: Counter
+    before: Counter
+
+    def top(self) -> int | None:
+        return self.on.most_common(1)[0][0] if self.on else None
+
+    def label(self, tokenizer: Tokenizer, n: int = 3) -> str:
+        total = sum(self.on.values())
+        if not total:
+            return "(never fires)"
+        parts = [f"{tokenizer.token_str(t)!r} {c / total:.0%}" for t, c in self.on.most_common(n)]
+        prev, c = self.before.most_common(1)[0]
+        return "fires on " + ", ".join(parts) + f" (after {tokenizer.token_str(prev)!r} {c / total:.0%})"
 
 
 @torch.inference_mode()
-def firing_token_labels(model, sae, plan: LayerPlan, tokens: np.ndarray, features: list[int],
-                        tokenizer: Tokenizer, batch_size: int, top: int = 3) -> list[str]:
-    """'fires on ' the' 41%, ' a' 9%': the tokens each feature fires on most often."""
+def firing_profiles(model, sae, plan: LayerPlan, tokens: np.ndarray, features: list[int],
+                    batch_size: int) -> dict[int, FiringProfile]:
+    """Firing-token and preceding-token counts of each feature over the scored positions."""
     device = next(model.parameters()).device
     encoder = FeatureEncoder(sae, features)
-    counters = [Counter() for _ in features]
+    profiles = {f: FiringProfile(Counter(), Counter()) for f in features}
     for start in range(0, len(tokens), batch_size):
         tok = torch.from_numpy(tokens[start:start + batch_size]).long().to(device)
         acts = encoder(residual_at(model, tok, plan.resume_at))[:, 1:-1].cpu().numpy()
-        ids = tok[:, 1:-1].cpu().numpy()
-        for f in range(len(features)):
-            counters[f].update(ids[acts[..., f] > 0].tolist())
-    labels = []
-    for counter in counters:
-        total = sum(counter.values())
-        parts = [f"{tokenizer.token_str(t)!r} {n / total:.0%}" for t, n in counter.most_common(top)]
-        labels.append("fires on " + ", ".join(parts) if parts else "(never fires)")
-    return labels
+        ids = tok.cpu().numpy()
+        for i, f in enumerate(features):
+            n, t = np.nonzero(acts[..., i] > 0)  # t indexes scored positions: token position t + 1
+            profiles[f].on.update(ids[n, t + 1].tolist())
+            profiles[f].before.update(ids[n, t].tolist())
+    return profiles
+
+
+def choose_layer(model, sae, plan: LayerPlan, tokens: np.ndarray, tokenizer: Tokenizer, counts: np.ndarray,
+                 maxes: np.ndarray, n_scored: int, k: int, min_density: float, max_density: float,
+                 batch_size: int) -> list[FeatureChoice]:
+    """One feature per density group: the strongest whose main firing token no chosen one shares."""
+    groups, density, n_candidates = shortlist(plan.layer, counts, maxes, n_scored, k, min_density, max_density)
+    looked_at = [int(f) for g in groups for f in g[:SHORTLIST]]
+    profiles = firing_profiles(model, sae, plan, tokens, looked_at, batch_size)
+    used: set[int | None] = set()
+    out = []
+    for g, group in enumerate(groups):
+        options = [int(f) for f in group[:SHORTLIST]]
+        fresh = [f for f in options if profiles[f].top() not in used]
+        best = (fresh or options)[0]
+        used.add(profiles[best].top())
+        why = ("largest max activation in its group" if best == options[0] else
+               "strongest in its group whose main firing token no feature chosen before shares")
+        reason = (f"auto: density {density[best]:.3%} (group {g + 1}/{k} of {n_candidates} candidates in "
+                  f"[{min_density:g}, {max_density:g}]), {why}")
+        out.append(FeatureChoice(layer=plan.layer, feature=best, label=profiles[best].label(tokenizer),
+                                 source="auto", reason=reason, density=float(density[best]),
+                                 max_act=float(maxes[best]), neuronpedia_url=plan.neuronpedia_url(best) or ""))
+    return out
 
 
 def choose_auto(model, saes: dict, plans: dict[int, LayerPlan], tokens: np.ndarray, tokenizer: Tokenizer,
                 k: int, min_density: float, max_density: float, batch_size: int) -> list[FeatureChoice]:
     counts, maxes, n_scored = activation_stats(model, saes, plans, tokens, batch_size)
-    out = []
-    for layer in plans:
-        picked = choose(layer, counts[layer], maxes[layer], n_scored, k, min_density, max_density)
-        labels = firing_token_labels(model, saes[layer], plans[layer], tokens, [p[0] for p in picked],
-                                     tokenizer, batch_size)
-        for (feature, dens, mx, reason), label in zip(picked, labels, strict=True):
-            out.append(FeatureChoice(layer=layer, feature=feature, label=label, source="auto", reason=reason,
-                                     density=dens, max_act=mx,
-                                     neuronpedia_url=plans[layer].neuronpedia_url(feature) or ""))
-    return out
+    return [choice for layer in plans
+            for choice in choose_layer(model, saes[layer], plans[layer], tokens, tokenizer, counts[layer],
+                                       maxes[layer], n_scored, k, min_density, max_density, batch_size)]
