@@ -5,7 +5,7 @@ maximum activation are measured on data/tokens.npy. Candidates are the features 
 lies in [min_density, max_density]: not dead, not always on. The candidates, sorted by density,
 are split into `features_per_layer` equal groups; from each group the feature with the largest
 maximum activation is taken, unless its main firing token is that of a feature already chosen in
-the layer, in which case the next strongest of the group's top few that differs is. So the choice
+the layer, in which case the next strongest of the group's top 16 that differs is. So the choice
 spans the density band, favours features that fire strongly when they fire, and does not fill a
 layer with five features of one token. It is deterministic (ties go to the lower index).
 
@@ -49,7 +49,7 @@ def activation_stats(model, saes: dict, plans: dict[int, LayerPlan], tokens: np.
             n_scored)
 
 
-SHORTLIST = 4  # candidates per density group whose firing tokens are looked at
+SHORTLIST = 16  # candidates per density group whose firing tokens are looked at
 
 
 def shortlist(layer: int, counts: np.ndarray, maxes: np.ndarray, n_scored: int, k: int,
