@@ -70,6 +70,11 @@ class HFTokenizer:
         return {"type": "hf", "name": self.name, "bos_token_id": self.bos_token_id}
 
 
+def quote_token(text: str) -> str:
+    """A token for a one-line label: quoted, newline and tab spelled out, nothing escaped twice."""
+    return "'" + text.replace("\n", "\\n").replace("\t", "\\t").replace("\r", "\\r") + "'"
+
+
 def tokenizer_from_spec(spec: dict[str, Any]) -> Tokenizer:
     kind = spec.get("type")
     if kind == "bytes":

@@ -25,7 +25,7 @@ from pipeline.engine.forward import FeatureEncoder, residual_at
 from pipeline.errors import UserError
 from pipeline.resolve import LayerPlan
 from pipeline.sources.selection import FeatureChoice
-from pipeline.tokenizer import Tokenizer
+from pipeline.tokenizer import Tokenizer, quote_token
 
 
 @torch.inference_mode()
@@ -82,9 +82,9 @@ class FiringProfile:
         total = sum(self.on.values())
         if not total:
             return "(never fires)"
-        parts = [f"{tokenizer.token_str(t)!r} {c / total:.0%}" for t, c in self.on.most_common(n)]
+        parts = [f"{quote_token(tokenizer.token_str(t))} {c / total:.0%}" for t, c in self.on.most_common(n)]
         prev, c = self.before.most_common(1)[0]
-        return "fires on " + ", ".join(parts) + f" (after {tokenizer.token_str(prev)!r} {c / total:.0%})"
+        return "fires on " + ", ".join(parts) + f" (after {quote_token(tokenizer.token_str(prev))} {c / total:.0%})"
 
 
 @torch.inference_mode()
