@@ -158,7 +158,11 @@ def reading_paragraph(inputs: ReportInputs) -> str:
         what = f"a {m.get('n_layers')}-layer, d_model {m.get('d_model')} stand-in" + (
             f" with {md(weights)} weights" if weights else "")
         text = f"Finally, this is the toy preset ({what}): its numbers test the pipeline and say nothing about GPT-2 Small"
-        text += (", and with random weights its token lists show no learned structure." if weights == "random" else ".")
+        if weights == "random":
+            text += ", and with random weights its token lists show no learned structure."
+        else:
+            text += (". Its passages come from the same Python documentation the toy was trained on (all but a "
+                     "held-out tail), so they measure the features on familiar text, not on new text.")
         out.append(text)
     else:
         out.append(f"Finally, the numbers describe these {len(head)} features of {md(m['name'])} on {n_passages} "
