@@ -13,6 +13,9 @@ the tokens) and `sparse` (the chosen features' encoder biases are shifted so eac
 
 Both produce every scalar metric; `max_rel_diff` is, over metrics, max_variants |engine - plain|
 divided by max_variants |plain| (the difference relative to the metric's scale in the workload).
+Both are also measured against the definition computed in float64 (`engine_vs_float64`,
+`plain_vs_float64`, and absolute differences per metric): two float32 computations of the same
+number differ by float32 rounding, and this says which of the two is closer to exact.
 `floor_fraction` = (matmul FLOPs of the forward work the engine performs / the device's measured
 fp32 matmul rate) / the engine's wall time: 1.0 would mean every second went to matmuls at peak.
 """
@@ -143,6 +146,43 @@ def plain_way(model, sae, tokens: torch.Tensor, hook: str, features: list[int], 
     return {"ce_clean": ce_clean, "ce_int": ce_int, "kl": kl, "acts": acts}
 
 
+@torch.inference_mode()
+def float64_reference(model, sae, tokens: torch.Tensor, hook: str, features: list[int], alphas: tuple[float, ...],
+                      batch_size: int) -> dict[str, np.ndarray]:
+    """The definition in float64: full forward passes with the delta added by a hook, every number
+    in double precision. Both float32 ways are measured against it."""
+    device = tokens.device
+    m64 = build_model(device, torch.float64)
+    m64.load_state_dict({k: v.double() for k, v in model.state_dict().items()})
+    w_enc, b_enc = sae.W_enc.double()[:, features], sae.b_enc.double()[features]
+    b_dec = sae.b_dec.double() * sae.cfg.apply_b_dec_to_input
+    w_dec = sae.W_dec.double()[features]
+    n, t = tokens.shape
+    ce_clean = np.empty((n, t - 2))
+    ce_int = np.empty((len(features), len(alphas), n, t - 2))
+    kl = np.empty_like(ce_int)
+    acts = np.empty((n, t, len(features)), dtype=np.float32)
+    for b0 in range(0, n, batch_size):
+        tok = tokens[b0:b0 + batch_size]
+        clean, cache = m64.run_with_cache(tok, names_filter=[hook])
+        acts[b0:b0 + len(tok)] = torch.relu((cache[hook] - b_dec) @ w_enc + b_enc).float().cpu().numpy()
+        lp_c = torch.log_softmax(clean[:, 1:-1], -1)
+        nxt = tok[:, 2:, None]
+        ce_clean[b0:b0 + len(tok)] = (-lp_c.gather(-1, nxt)[..., 0]).cpu().numpy()
+        for fi in range(len(features)):
+            for ai, alpha in enumerate(alphas):
+                def add(r, hook, fi=fi, alpha=alpha):  # noqa: ARG001
+                    a = torch.relu((r - b_dec) @ w_enc[:, fi] + b_enc[fi])
+                    out = r + ((alpha - 1.0) * a)[..., None] * w_dec[fi]
+                    out[:, 0] = r[:, 0]
+                    return out
+
+                lp_i = torch.log_softmax(m64.run_with_hooks(tok, fwd_hooks=[(hook, add)])[:, 1:-1], -1)
+                ce_int[fi, ai, b0:b0 + len(tok)] = (-lp_i.gather(-1, nxt)[..., 0]).cpu().numpy()
+                kl[fi, ai, b0:b0 + len(tok)] = (lp_c.exp() * (lp_c - lp_i)).sum(-1).cpu().numpy()
+    return {"ce_clean": ce_clean, "ce_int": ce_int, "kl": kl, "acts": acts}
+
+
 def metrics_table(ce_clean, ce_int, kl, acts, n_features, n_alphas, live_percentile=90.0) -> np.ndarray:
     """[features, alphas, len(COMPARED)] of every compared metric."""
     out = np.empty((n_features, n_alphas, len(COMPARED)))
@@ -238,7 +278,13 @@ def timed_engine(model, sae, resume_at: int, tokens: torch.Tensor, features: lis
     return result, table, time.perf_counter() - start
 
 
-def run_workload(w: Workload, device: torch.device, dtypes: list[str], skip_plain: bool, log) -> dict[str, Any]:
+def _max_abs(a: np.ndarray, b: np.ndarray) -> float:
+    both = ~(np.isnan(a) & np.isnan(b))
+    return float(np.nanmax(np.abs(a[both] - b[both]))) if both.any() else 0.0
+
+
+def run_workload(w: Workload, device: torch.device, dtypes: list[str], skip_plain: bool, log,
+                 reference: bool = True) -> dict[str, Any]:
     hook = f"blocks.{w.layer}.hook_resid_post"
     resume_at = w.layer + 1
     g = torch.Generator().manual_seed(1)
@@ -292,6 +338,21 @@ def run_workload(w: Workload, device: torch.device, dtypes: list[str], skip_plai
         }
         log(f"  plain   {plain_s:8.2f} s  -> engine speed-up {out['speedup_vs_plain']:.1f}x, "
             f"max relative difference {out['max_rel_diff']:.2e}")
+        if reference:
+            ref = float64_reference(model, sae, tokens, hook, features, w.alphas, w.batch_size)
+            ref_table = metrics_table(ref["ce_clean"], ref["ce_int"], ref["kl"], ref["acts"], len(features),
+                                      len(w.alphas))
+            out["engine_vs_float64"] = max_rel_diff(engine_table, ref_table)
+            out["plain_vs_float64"] = max_rel_diff(plain_table, ref_table)
+            out["per_metric"] = {
+                name: {"engine_vs_plain_abs": _max_abs(engine_table[..., k], plain_table[..., k]),
+                       "engine_vs_float64_abs": _max_abs(engine_table[..., k], ref_table[..., k]),
+                       "plain_vs_float64_abs": _max_abs(plain_table[..., k], ref_table[..., k]),
+                       "scale": float(np.nanmax(np.abs(ref_table[..., k])))}
+                for k, name in enumerate(COMPARED)
+            }
+            log(f"  float64 reference: engine {out['engine_vs_float64']:.2e}, plain {out['plain_vs_float64']:.2e} "
+                "max relative difference")
 
     for dtype in dtypes:
         low_model = build_model(device, torch_dtype(dtype))
@@ -305,7 +366,8 @@ def run_workload(w: Workload, device: torch.device, dtypes: list[str], skip_plai
 
 
 def run_bench(device: str = "auto", out: Path | None = None, quick: bool = False, full: bool = False,
-              skip_plain: bool = False, dtypes: list[str] | None = None, log=print) -> dict[str, Any]:
+              skip_plain: bool = False, dtypes: list[str] | None = None, reference: bool | None = None,
+              log=print) -> dict[str, Any]:
     quiet_library_warnings()
     dev = resolve_device(device)
     if dtypes is None:
@@ -321,10 +383,12 @@ def run_bench(device: str = "auto", out: Path | None = None, quick: bool = False
     log(f"bench on {results['device']} (GPT-2-Small-shaped random weights, SAE 768 x {D_SAE})")
     for w in workloads(quick, full):
         log(w.describe())
-        results["workloads"][w.name] = run_workload(w, dev, dtypes, skip_plain, log)
+        results["workloads"][w.name] = run_workload(w, dev, dtypes, skip_plain, log,
+                                                    reference=(not full) if reference is None else reference)
     # Headline figures at the top level: the sparse workload is the realistic one.
     head = results["workloads"].get("sparse") or next(iter(results["workloads"].values()))
-    for key in ("speedup_vs_plain", "max_rel_diff", "tokens_per_s", "floor_fraction", "peak_mem_bytes"):
+    for key in ("speedup_vs_plain", "max_rel_diff", "engine_vs_float64", "plain_vs_float64", "tokens_per_s",
+                "floor_fraction", "peak_mem_bytes"):
         if key in head:
             results[key] = head[key]
     if "dense" in results["workloads"]:

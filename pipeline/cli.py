@@ -166,6 +166,8 @@ def bench(
     quick: bool = typer.Option(False, "--quick", help="A tiny workload: a smoke test in seconds."),
     full: bool = typer.Option(False, "--full", help="One layer of the default study's shape (200 x 256, 5 x 5)."),
     skip_plain: bool = typer.Option(False, "--skip-plain", help="Time the engine only."),
+    reference: bool | None = typer.Option(None, "--reference/--no-reference",
+                                          help="Also compute the metrics in float64 (default: on, off with --full)."),
     dtype: list[str] = typer.Option([], "--dtype", help="Also run the engine in this dtype (bfloat16, float16) "
                                     "and report its accuracy against float32; default on CUDA: both."),
 ) -> None:
@@ -173,7 +175,8 @@ def bench(
     from pipeline.bench import run_bench
 
     try:
-        run_bench(device=device, out=out, quick=quick, full=full, skip_plain=skip_plain, dtypes=dtype or None)
+        run_bench(device=device, out=out, quick=quick, full=full, skip_plain=skip_plain, dtypes=dtype or None,
+                  reference=reference)
     except UserError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None

@@ -62,6 +62,7 @@ def test_bench_runs_end_to_end_on_the_cpu_quick_path(monkeypatch):
         bench.Workload("dense", 6, 2, (0.0, 1.0, 2.0), 3, 16, 2, None)])
     out = bench.run_bench(device="cpu", quick=True, log=lambda *_: None)
     assert real_build_sae is not small_sae
-    for key in ("speedup_vs_plain", "max_rel_diff", "tokens_per_s", "floor_fraction", "peak_mem_bytes", "device"):
+    for key in ("speedup_vs_plain", "max_rel_diff", "tokens_per_s", "floor_fraction", "peak_mem_bytes", "device",
+                "engine_vs_float64", "plain_vs_float64"):
         assert key in out, key
-    assert out["max_rel_diff"] < 1e-4
+    assert out["max_rel_diff"] < 1e-4 and out["engine_vs_float64"] < 1e-4
