@@ -258,10 +258,27 @@ def matmul_rate(device: torch.device, dtype: torch.dtype = torch.float32) -> flo
     return 2 * 4096 * 768 * 3072 / best
 
 
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:  # Linux: "5" resets the process's peak resident set size (VmHWM)
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
 def peak_memory(device: torch.device) -> int:
+    """Peak bytes since the last reset: CUDA allocations, or the process's peak RSS on CPU."""
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux: KiB
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # lifetime peak, KiB on Linux
 
 
 # ---------------------------------------------------------------------------------------------
@@ -298,8 +315,7 @@ def run_workload(w: Workload, device: torch.device, dtypes: list[str], skip_plai
         make_sparse(model, sae, tokens, hook, features, w.density)
     run_layer(model, sae, resume_at, tokens[:2, :16].cpu(), features[:1], [2.0], batch_size=2)  # warm-up
 
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    reset_peak_memory(device)
     result, engine_table, engine_s = timed_engine(model, sae, resume_at, tokens, features, w)
     engine_peak = peak_memory(device)
     flops = engine_flops(result, w.n_passages, w.max_len, resume_at)

@@ -142,7 +142,7 @@ def run_layer(
     _retry_on_oom(prefix, stats, "the prefix pass")
     acts_np = acts_all.cpu().numpy()
     live = [live_positions(acts_np[:, 1:-1, f], live_percentile) for f in range(n_feat)]
-    live_dev = torch.from_numpy(np.stack([lv.mask for lv in live])).to(device)  # [F, N, S]
+    live_np = np.stack([lv.mask for lv in live])  # [F, N, S]
 
     ce_clean = np.empty((n, s_len))
     ce_int = np.empty((n_feat, n_val, n, s_len))
@@ -206,10 +206,11 @@ def run_layer(
             diff = lp.sub_(lp_clean_blk[j, s0:s1])  # log p_int - log p_clean, in place
             # sum_v p_clean (log p_clean - log p_int), as a batched dot product: no temporary
             kl_blk[f, a, j, s0:s1] = -torch.bmm(p_clean_blk[j, s0:s1, None, :], diff[:, :, None]).view(-1)
-            is_live = live_dev[f, b0 + j, s0:s1]
-            if bool(is_live.any()):
-                centred = diff[is_live]
-                centred = centred - centred.mean(-1, keepdim=True)
+            # Live positions are known on the host: no device sync to find them.
+            live_idx = np.flatnonzero(live_np[f, b0 + j, s0:s1])
+            if live_idx.size:
+                centred = diff.index_select(0, torch.from_numpy(live_idx).to(device))
+                centred -= centred.mean(-1, keepdim=True)
                 delta_blk[f * n_val + a] += centred.sum(0).to(acc_dtype)
             stats.positions_unembedded += s1 - s0
         for r0 in range(0, len(rows_f), bs):
