@@ -182,11 +182,11 @@ def run_layer(
             for a, value in enumerate(values):
                 if shortcuts and intervention.identity is not None and value == intervention.identity:
                     continue
-                changed = intervention.changes(acts_blk[:, :, f], value)  # [bp, T]
-                any_change = changed.any(dim=1)
-                first = torch.where(any_change, changed.float().argmax(dim=1), torch.full_like(any_change, t_len, dtype=torch.long))
+                changed = intervention.changes(acts_blk[:, :, f], value).cpu().numpy()  # [bp, T], one copy
+                any_change = changed.any(axis=1)
+                first = changed.argmax(axis=1)  # first changed position (t >= 1: BOS never changes)
                 for j in range(bp):
-                    if shortcuts and not bool(any_change[j]):
+                    if shortcuts and not any_change[j]:
                         continue
                     rows_f.append(f)
                     rows_a.append(a)
