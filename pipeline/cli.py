@@ -164,7 +164,8 @@ def bench(
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     out: Path | None = typer.Option(None, "--out", help="Also write the figures as JSON to this file."),
     quick: bool = typer.Option(False, "--quick", help="A tiny workload: a smoke test in seconds."),
-    full: bool = typer.Option(False, "--full", help="One layer of the default study's shape (200 x 256, 5 x 5)."),
+    full: bool = typer.Option(False, "--full", help="The default study's whole shape: 12 layers x 5 features x "
+                              "5 alphas x 200 passages x 256 tokens (use with --skip-plain on a GPU)."),
     skip_plain: bool = typer.Option(False, "--skip-plain", help="Time the engine only."),
     reference: bool | None = typer.Option(None, "--reference/--no-reference",
                                           help="Also compute the metrics in float64 (default: on, off with --full)."),
