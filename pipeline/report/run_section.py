@@ -128,6 +128,9 @@ def run_rows(inputs: ReportInputs, rendered_by: str) -> list[tuple[str, str]]:
         ("SAEs", _saes_html(inputs)),
         ("Corpus", _corpus_html(inputs)),
         ("Passages", f"{h(n)} passages × {h(t)} tokens (BOS first), sampled with seed {h(inputs.tokens.get('seed'))}"),
+        ("Seed", f"{h(inputs.tokens.get('seed'))}: it controls which passages are sampled, the toy model's weights "
+                 "and training, and the order in which Neuronpedia candidates are tried; nothing else is random, "
+                 "and on a CPU the same params give byte-identical tables"),
         ("Layers", h(layer_span(inputs.layers))),
         ("Features", f"{len(inputs.features)}, {h(per_layer)}, source {h(sources)} (data/features.csv)"),
         ("Intervention", f"{_code(inputs.intervention)}; headline α = {inputs.alpha:g}; sweep {h(sweep)}"),

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from pipeline.engine.forward import FeatureEncoder, residual_at
 from pipeline.errors import UserError
@@ -37,7 +38,9 @@ def activation_stats(model, saes: dict, plans: dict[int, LayerPlan], tokens: np.
     stop = max(plans[layer].resume_at for layer in saes)
     counts = {layer: torch.zeros(saes[layer].cfg.d_sae, dtype=torch.long, device=device) for layer in saes}
     maxes = {layer: torch.zeros(saes[layer].cfg.d_sae, device=device) for layer in saes}
-    for start in range(0, len(tokens), batch_size):
+    batches = tqdm(range(0, len(tokens), batch_size), desc="features: activation statistics", unit="batch",
+                   disable=None, leave=False)
+    for start in batches:
         tok = torch.from_numpy(tokens[start:start + batch_size]).long().to(device)
         _, cache = model.run_with_cache(tok, names_filter=list(hooks), stop_at_layer=stop)
         for hook, layer in hooks.items():
