@@ -98,3 +98,15 @@ def test_a_plot_only_change_reruns_no_forward_pass(project):
     assert ran == ["Running stage 'plot':", "Running stage 'report':"], result.stdout
     status = run_dvc(["status", "--json"], project)
     assert json.loads(status.stdout) == {}
+
+
+def test_dvc_plots_show_and_diff_read_the_declared_plots(project):
+    shown = run_dvc(["plots", "show", "--json"], project)
+    assert shown.returncode == 0, shown.stderr
+    data = json.loads(shown.stdout)["data"]
+    for name in ("plots/layer_dce.csv", "plots/alpha_sweep.csv", "plots/kl_heatmap.csv", "plots/dce_vs_alpha.png"):
+        assert name in data and not any(item.get("errors") for item in data[name]), name
+    diff = run_dvc(["plots", "diff", "base", "--json"], project)
+    assert diff.returncode == 0, diff.stderr
+    revisions = json.loads(diff.stdout)["data"]["plots/layer_dce.csv"][0]["revisions"]
+    assert set(revisions) == {"base", "workspace"}
