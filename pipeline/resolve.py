@@ -167,7 +167,7 @@ def _toy_unbuilt(config: Config) -> bool:
 def available_saes(config: Config) -> tuple[dict[str, str], dict[str, str | None], str]:
     """(hook-or-id -> SAE id, SAE id -> Neuronpedia source, description) for the release."""
     if _toy_unbuilt(config):
-        from pipeline.toy.build import TOY_MODEL_KWARGS, toy_sae_folder
+        from pipeline.toy.layout import TOY_MODEL_KWARGS, toy_sae_folder
 
         ids = {toy_sae_folder(layer): toy_sae_folder(layer) for layer in range(TOY_MODEL_KWARGS["n_layers"])}
         return ids, {}, "toy SAEs (built by the model stage into data/toy/saes)"

@@ -18,7 +18,8 @@ import torch
 from pipeline.loading import load_local_model, load_sae
 from pipeline.resolve import LayerPlan
 from pipeline.toy import train
-from pipeline.toy.build import TOY_MODEL_KWARGS, build_trained_toy, toy_sae_folder
+from pipeline.toy.build import build_trained_toy
+from pipeline.toy.layout import TOY_MODEL_KWARGS, toy_sae_folder
 from pipeline.toy.train import LMSettings, SAESettings
 
 TINY_MODEL = {**TOY_MODEL_KWARGS, "n_layers": 2, "d_model": 16, "n_heads": 2, "d_head": 8, "d_mlp": 32, "n_ctx": 32}
