@@ -129,10 +129,10 @@ _FIELDS: dict[str, _Field] = {
     "seed": _Field("int", 1234, "controls passage sampling, toy weights, feature choice", check=_range(0)),
     "max_passages": _Field("int", None, "passages sampled from the corpus", nullable=True, check=_range(1)),
     "max_len": _Field("int", None, "tokens per passage, BOS included", nullable=True, check=_range(3)),
-    "features_per_layer": _Field("int", 5, "features chosen per layer", check=_range(1)),
     "feature_source": _Field(
         "str", None, "csv, neuronpedia or auto", nullable=True, check=_choice(FEATURE_SOURCES)
     ),
+    "features_per_layer": _Field("int", 5, "features chosen per layer", check=_range(1)),
     "features_csv": _Field("str", "data/neuronpedia_features.csv", "curated features for feature_source csv"),
     "min_density": _Field("float", 1e-4, "lowest firing rate a chosen feature may have", check=_range(0, 1)),
     "max_density": _Field("float", 0.05, "highest firing rate a chosen feature may have", check=_range(0, 1)),
@@ -301,8 +301,3 @@ def load_config(path: str | Path = paths.PARAMS) -> Config:
         where = f" at line {mark.line + 1}" if mark is not None else ""
         raise UserError(f"{path} is not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
     return parse_params(raw, source=str(path))
-
-
-def field_help() -> dict[str, str]:
-    """Key -> one-line help, for `python -m pipeline plan` and the docs test."""
-    return {k: f.help for k, f in _FIELDS.items()}

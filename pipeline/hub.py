@@ -18,7 +18,6 @@ from pathlib import Path
 from pipeline.errors import UserError
 
 SAE_FILES = ("cfg.json", "sae_weights.safetensors")
-MODEL_FILES = ("config.json",)
 OFFLINE_HINT = "the offline preset runs with `dvc exp run -S preset=toy`"
 
 

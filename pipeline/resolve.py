@@ -130,11 +130,6 @@ def equivalent_hooks(hook: str, layer: int, n_layers: int | None) -> list[str]:
     return names
 
 
-def local_sae_hooks(directory: str | Path) -> dict[str, str]:
-    """hook name -> folder name, for a directory of SAE-Lens `save_model` folders."""
-    return {hook: folder for hook, (folder, _) in _local_saes(directory).items()}
-
-
 def _local_saes(directory: str | Path) -> dict[str, tuple[str, str | None]]:
     """hook name -> (folder name, Neuronpedia id from the cfg's metadata, if any)."""
     directory = Path(directory)

@@ -100,3 +100,11 @@ def test_missing_params_file(tmp_path):
 def test_floats_stay_finite_after_parsing():
     cfg = parse_params({"alpha": 0, "alpha_sweep": [0.25]})
     assert all(math.isfinite(a) for a in cfg.alpha_sweep)
+
+
+def test_params_yaml_lists_every_key_the_config_knows():
+    from pipeline.config import _FIELDS
+
+    committed = yaml.safe_load((ROOT / "params.yaml").read_text())
+    assert list(committed) == list(_FIELDS)  # same keys, same order: params.yaml is the reference
+    assert all(field.help for field in _FIELDS.values())

@@ -58,11 +58,6 @@ def unembed(model, final: Float[Tensor, "*rows d_model"]) -> Float[Tensor, "*row
     return apply_softcap(logits, model.cfg.output_logits_soft_cap).float()
 
 
-def full_logits(model, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos d_vocab"]:
-    """The plain forward pass, for tests and references."""
-    return model(tokens).float()
-
-
 class FeatureEncoder:
     """Activations a_i(x) of selected SAE features.
 
@@ -94,9 +89,6 @@ class FeatureEncoder:
         if self.jump:
             acts = acts * (pre > self.threshold).to(acts.dtype)
         return acts
-
-    def one(self, resid: Tensor, feature_pos: int) -> Tensor:
-        return self(resid)[..., feature_pos]
 
 
 def intervened_residual(resid: Float[Tensor, "batch pos d_model"], acts: Float[Tensor, "batch pos"],

@@ -21,11 +21,6 @@ from dataclasses import dataclass
 import numpy as np
 
 
-def scored_slice(max_len: int) -> slice:
-    """Positions t = 1 .. T-2 of a length-T passage."""
-    return slice(1, max_len - 1)
-
-
 @dataclass(frozen=True)
 class LiveSet:
     threshold: float  # max(0, q)
