@@ -188,8 +188,11 @@ def resumed(tmp_path_factory) -> Path:
     write_params(project, "params.yaml", layers=[0, 1, 2, 3])
     env = {**os.environ, **GIT_ENV}
     dvc = str(Path(sys.executable).parent / "dvc")
+    # As from a terminal: a test runner started in the background inherits SIGINT ignored, and an
+    # ignored signal stays ignored across exec, so give the study the default Ctrl-C behaviour.
     proc = subprocess.Popen([dvc, "repro"], cwd=project, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, env=env, start_new_session=True)
+                            text=True, env=env, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 300
     while not (project / "metrics/layers/layer_1.csv").exists():
         assert proc.poll() is None, proc.stdout.read()
