@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
 
 import pytest
@@ -73,3 +76,15 @@ def test_hf_hub_offline_is_respected(tmp_path, monkeypatch):
         hub.ensure_available([f], "model gpt2")
     _fake_cache(tmp_path, "gpt2", "config.json", b"{}")
     assert hub.ensure_available([f], "model gpt2") == "cache"
+
+
+def test_wikitext_unreachable_is_one_line_naming_the_offline_preset(tmp_path):
+    code = ("from pipeline.corpus import load_corpus\n"
+            "from pipeline.errors import UserError\n"
+            "try:\n    load_corpus('wikitext-2')\nexcept UserError as e:\n    print('USERERROR', e)\n")
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1",
+           "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    line = next(line for line in out.stdout.splitlines() if line.startswith("USERERROR"))
+    assert "could not load WikiText-2 (Salesforce/wikitext, wikitext-2-raw-v1, test)" in line
+    assert "-S preset=toy" in line
