@@ -1,0 +1,53 @@
+"""dvc.yaml and the package agree: stage names, commands, artifact paths and params keys."""
+
+from __future__ import annotations
+
+import yaml
+
+from pipeline import paths
+from pipeline.cli import app
+from tests.conftest import ROOT
+
+DVC = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+STAGES = DVC["stages"]
+
+
+def _outs(stage: dict) -> set[str]:
+    return {next(iter(o)) if isinstance(o, dict) else o for o in stage.get("outs", [])}
+
+
+def test_every_stage_is_a_cli_command_and_a_module():
+    commands = {c.name or c.callback.__name__ for c in app.registered_commands}
+    for name, stage in STAGES.items():
+        cmd = (stage.get("do") or stage)["cmd"]
+        assert cmd.startswith(f"python -m pipeline {name}"), cmd
+        assert name in commands
+        assert (ROOT / "pipeline" / "stages" / f"{name}.py").exists()
+        assert f"pipeline/stages/{name}.py" in (stage.get("do") or stage)["deps"]
+
+
+def test_artifact_paths_are_the_packages():
+    assert {str(paths.MODEL_JSON), str(paths.run_record("model"))} <= _outs(STAGES["model"])
+    assert "data/${preset}" in _outs(STAGES["model"])
+    assert {str(paths.TOKENS), str(paths.TOKENS_META)} <= _outs(STAGES["tokenize"])
+    assert {str(paths.FEATURES), str(paths.NEURONPEDIA_CACHE)} <= _outs(STAGES["features"])
+    layer_outs = _outs(STAGES["intervene"]["do"])
+    assert str(paths.layer_metrics(7)).replace("7", "${item}") in layer_outs
+    assert str(paths.layer_detail(7)).replace("7", "${item}") in layer_outs
+    assert str(paths.run_record("intervene_7")).replace("7", "${item}") in layer_outs
+    assert {str(paths.PER_FEATURE), str(paths.PER_LAYER), str(paths.SUMMARY)} <= _outs(STAGES["aggregate"])
+    assert str(paths.PLOTS) in _outs(STAGES["plot"])
+    assert {str(paths.REPORT_HTML), str(paths.REPORT_GENERATED)} <= _outs(STAGES["report"])
+    assert DVC["metrics"] == [str(paths.SUMMARY)]
+    summary = next(o for o in STAGES["aggregate"]["outs"] if isinstance(o, dict) and str(paths.SUMMARY) in o)
+    assert summary[str(paths.SUMMARY)]["cache"] is False  # git carries it: `dvc metrics diff` on a fresh clone
+
+
+def test_stage_params_are_known_keys_and_plot_reads_no_forward_pass_key():
+    known = set(yaml.safe_load((ROOT / "params.yaml").read_text()))
+    for stage in STAGES.values():
+        assert set((stage.get("do") or stage).get("params", [])) <= known
+    assert set(STAGES["plot"]["params"]) == {"alpha", "plot_dpi"}
+    assert "plot_dpi" not in STAGES["intervene"]["do"]["params"]
+    assert "alpha" in STAGES["intervene"]["do"]["params"]
+    assert STAGES["intervene"]["foreach"] == "${layers}"
