@@ -207,6 +207,25 @@ def max_rel_diff(engine: np.ndarray, plain: np.ndarray) -> float:
     return worst
 
 
+def precision_cost(low: np.ndarray, ref: np.ndarray) -> dict[str, Any]:
+    """How far a low-precision run's metrics are from float32's, metric by metric.
+
+    Relative to each metric's scale in the workload, over the (feature, alpha) entries where both
+    are numbers. A metric that is NaN on one side only (a feature that fires in one precision and
+    not at all in the other, so it has no live position) is counted, not folded into the maximum.
+    """
+    per_metric, mismatches = {}, 0
+    for k, name in enumerate(COMPARED):
+        a, b = low[..., k], ref[..., k]
+        one_sided = np.isnan(a) != np.isnan(b)
+        mismatches += int(one_sided.sum())
+        both = ~(np.isnan(a) | np.isnan(b))
+        scale = float(np.max(np.abs(b[both]))) if both.any() else 0.0
+        per_metric[name] = float(np.max(np.abs(a[both] - b[both])) / scale) if scale > 0 else 0.0
+    return {"max_rel_diff_vs_float32": max(per_metric.values()), "rel_diff_vs_float32": per_metric,
+            "nan_mismatches": mismatches}
+
+
 # ---------------------------------------------------------------------------------------------
 # FLOPs and the machine
 
@@ -300,6 +319,25 @@ def _max_abs(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.nanmax(np.abs(a[both] - b[both]))) if both.any() else 0.0
 
 
+def device_consistency(model, sae, resume_at: int, tokens: torch.Tensor, features: list[int], w: Workload,
+                       engine_table: np.ndarray, log) -> dict[str, Any]:
+    """What a GPU user can expect of reruns: the same card twice, and this card against the CPU."""
+    _, again, _ = timed_engine(model, sae, resume_at, tokens, features, w)
+    cpu = torch.device("cpu")
+    cpu_model = build_model(cpu, torch.float32)
+    cpu_model.load_state_dict(model.state_dict())
+    cpu_sae = build_sae(cpu, "float32", f"blocks.{w.layer}.hook_resid_post")
+    cpu_sae.load_state_dict(sae.state_dict())
+    _, on_cpu, _ = timed_engine(cpu_model, cpu_sae, resume_at, tokens.cpu(), features, w)
+    result = {"rerun_bit_identical": bool(np.array_equal(again, engine_table, equal_nan=True)),
+              "rerun_max_rel_diff": max_rel_diff(again, engine_table),
+              "device_vs_cpu_max_rel_diff": max_rel_diff(engine_table, on_cpu)}
+    log(f"  rerun on this device: {'bit-identical' if result['rerun_bit_identical'] else 'differs'} "
+        f"(max relative difference {result['rerun_max_rel_diff']:.2e}); against the CPU: "
+        f"{result['device_vs_cpu_max_rel_diff']:.2e}")
+    return result
+
+
 def run_workload(w: Workload, device: torch.device, dtypes: list[str], skip_plain: bool, log,
                  reference: bool = True) -> dict[str, Any]:
     hook = f"blocks.{w.layer}.hook_resid_post"
@@ -370,14 +408,21 @@ def run_workload(w: Workload, device: torch.device, dtypes: list[str], skip_plai
             log(f"  float64 reference: engine {out['engine_vs_float64']:.2e}, plain {out['plain_vs_float64']:.2e} "
                 "max relative difference")
 
+    if device.type != "cpu" and not w.name.startswith("full"):
+        out |= device_consistency(model, sae, resume_at, tokens, features, w, engine_table, log)
+
     for dtype in dtypes:
         low_model = build_model(device, torch_dtype(dtype))
         low_model.load_state_dict(model.state_dict())
         low_sae = build_sae(device, dtype, hook)
         low_sae.load_state_dict(sae.state_dict())
         _, low_table, low_s = timed_engine(low_model, low_sae, resume_at, tokens, features, w)
-        out.setdefault("dtypes", {})[dtype] = {"engine_s": low_s, "max_rel_diff_vs_float32": max_rel_diff(low_table, engine_table)}
-        log(f"  {dtype:8s}{low_s:8.2f} s  max relative difference vs float32 {max_rel_diff(low_table, engine_table):.2e}")
+        cost = precision_cost(low_table, engine_table)
+        out.setdefault("dtypes", {})[dtype] = {"engine_s": low_s} | cost
+        worst = max(cost["rel_diff_vs_float32"], key=cost["rel_diff_vs_float32"].get)
+        log(f"  {dtype:8s}{low_s:8.2f} s  max relative difference vs float32 {cost['max_rel_diff_vs_float32']:.2e} "
+            f"({worst}); delta_ce {cost['rel_diff_vs_float32']['delta_ce']:.2e}, kl {cost['rel_diff_vs_float32']['kl']:.2e}"
+            + (f"; {cost['nan_mismatches']} metric(s) defined in one precision only" if cost["nan_mismatches"] else ""))
     return out
 
 
@@ -388,6 +433,7 @@ def run_bench(device: str = "auto", out: Path | None = None, quick: bool = False
     dev = resolve_device(device)
     if dtypes is None:
         dtypes = ["bfloat16", "float16"] if dev.type == "cuda" else []
+    dtypes = [d for d in dtypes if d != "float32"]  # float32 always runs: `--dtype float32` means only it
     results: dict[str, Any] = {
         "device": _device_name(dev),
         "torch": torch.__version__,
@@ -410,14 +456,25 @@ def run_bench(device: str = "auto", out: Path | None = None, quick: bool = False
     if "dense" in results["workloads"]:
         results["floor_fraction_dense"] = results["workloads"]["dense"]["floor_fraction"]
         results["speedup_vs_plain_dense"] = results["workloads"]["dense"].get("speedup_vs_plain")
-    if full:
-        runs = results["workloads"].values()
-        results["full_study_engine_s"] = sum(r["engine_s"] for r in runs)
-        results["full_study_peak_mem_bytes"] = max(r["peak_mem_bytes"] for r in runs)
-        results["floor_fraction"] = (sum(r["engine_flops"] for r in runs) / results["full_study_engine_s"]
-                                     / max(r["matmul_flops_per_s"] for r in runs))
-        log(f"full study (12 layers x 5 features x 5 alphas x 200 x 256): {results['full_study_engine_s']:.1f} s of "
-            f"engine time, peak {results['full_study_peak_mem_bytes'] / 2**30:.2f} GiB")
+    if full:  # the headline is the whole study, not its first layer
+        runs = list(results["workloads"].values())
+        engine_s = sum(r["engine_s"] for r in runs)
+        results |= {
+            "full_study_engine_s": engine_s,
+            "full_study_peak_mem_bytes": max(r["peak_mem_bytes"] for r in runs),
+            "peak_mem_bytes": max(r["peak_mem_bytes"] for r in runs),
+            "tokens_per_s": sum(r["tokens_per_s"] * r["engine_s"] for r in runs) / engine_s,
+            "floor_fraction": (sum(r["engine_flops"] for r in runs) / engine_s
+                               / max(r["matmul_flops_per_s"] for r in runs)),
+        }
+        line = (f"full study (12 layers x 5 features x 5 alphas x 200 x 256): {engine_s:.1f} s of engine time, "
+                f"peak {results['full_study_peak_mem_bytes'] / 2**30:.2f} GiB")
+        if all("plain_s" in r for r in runs):
+            plain_s = sum(r["plain_s"] for r in runs)
+            results |= {"full_study_plain_s": plain_s, "speedup_vs_plain": plain_s / engine_s,
+                        "max_rel_diff": max(r["max_rel_diff"] for r in runs)}
+            line += f"; the plain way {plain_s:.1f} s ({plain_s / engine_s:.1f}x)"
+        log(line)
     _table(results, log)
     if out is not None:
         write_json(out, results)

@@ -170,7 +170,8 @@ def bench(
     reference: bool | None = typer.Option(None, "--reference/--no-reference",
                                           help="Also compute the metrics in float64 (default: on, off with --full)."),
     dtype: list[str] = typer.Option([], "--dtype", help="Also run the engine in this dtype (bfloat16, float16) "
-                                    "and report its accuracy against float32; default on CUDA: both."),
+                                    "and report its accuracy against float32; default on CUDA: both; "
+                                    "--dtype float32 alone: float32 only."),
 ) -> None:
     """Benchmark the engine against the plain SAE-Lens way on GPT-2-Small-shaped random weights (no download)."""
     from pipeline.bench import run_bench
@@ -181,3 +182,9 @@ def bench(
     except UserError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
+    except KeyboardInterrupt:
+        typer.echo("interrupted; no benchmark JSON written", err=True)
+        raise typer.Exit(130) from None
+    except Terminated:
+        typer.echo("terminated; no benchmark JSON written", err=True)
+        raise typer.Exit(143) from None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pytest
 import torch
 
 from pipeline.bench import COMPARED, max_rel_diff, metrics_table, plain_way
@@ -39,15 +40,15 @@ def test_max_rel_diff_is_relative_to_each_metrics_scale_and_flags_one_sided_nan(
     assert math.isclose(max_rel_diff(a, b), 0.01, rel_tol=1e-9)
 
 
-def test_bench_runs_end_to_end_on_the_cpu_quick_path(monkeypatch):
-    """The real bench code path on a GPT-2 shape shrunk to toy size (the figures are not checked)."""
+@pytest.fixture
+def small_bench(monkeypatch):
+    """pipeline.bench with the GPT-2 shape and the SAE shrunk to toy size; the code path is the real one."""
     import pipeline.bench as bench
 
     monkeypatch.setattr(bench, "GPT2_SMALL_SHAPE", dict(n_layers=12, d_model=768 // 24, n_heads=2, d_head=16,
                                                         d_mlp=64, n_ctx=64, d_vocab=300, act_fn="gelu_new",
                                                         normalization_type="LN"))
     monkeypatch.setattr(bench, "D_SAE", 128)
-    real_build_sae = bench.build_sae
 
     def small_sae(device, dtype, hook, seed=0):
         from sae_lens import StandardSAE, StandardSAEConfig
@@ -58,11 +59,42 @@ def test_bench_runs_end_to_end_on_the_cpu_quick_path(monkeypatch):
                                              metadata=SAEMetadata(hook_name=hook))).eval().requires_grad_(False)
 
     monkeypatch.setattr(bench, "build_sae", small_sae)
-    monkeypatch.setattr(bench, "workloads", lambda quick, full: [  # noqa: ARG005
-        bench.Workload("dense", 6, 2, (0.0, 1.0, 2.0), 3, 16, 2, None)])
-    out = bench.run_bench(device="cpu", quick=True, log=lambda *_: None)
-    assert real_build_sae is not small_sae
+    return bench
+
+
+def test_bench_runs_end_to_end_on_the_cpu_quick_path(small_bench, monkeypatch):
+    """The real bench code path on toy sizes (the timings are not checked, the agreement is)."""
+    monkeypatch.setattr(small_bench, "workloads", lambda quick, full: [  # noqa: ARG005
+        small_bench.Workload("dense", 6, 2, (0.0, 1.0, 2.0), 3, 16, 2, None)])
+    out = small_bench.run_bench(device="cpu", quick=True, log=lambda *_: None)
     for key in ("speedup_vs_plain", "max_rel_diff", "tokens_per_s", "floor_fraction", "peak_mem_bytes", "device",
                 "engine_vs_float64", "plain_vs_float64"):
         assert key in out, key
     assert out["max_rel_diff"] < 1e-4 and out["engine_vs_float64"] < 1e-4
+
+
+def test_full_study_headline_sums_every_layer_not_the_first(small_bench, monkeypatch):
+    monkeypatch.setattr(small_bench, "workloads", lambda quick, full: [  # noqa: ARG005
+        small_bench.Workload(f"full-L{layer}", layer, 2, (0.0, 2.0), 3, 16, 2, None) for layer in (2, 9)])
+    out = small_bench.run_bench(device="cpu", full=True, log=lambda *_: None)
+    runs = list(out["workloads"].values())
+    engine_s, plain_s = sum(r["engine_s"] for r in runs), sum(r["plain_s"] for r in runs)
+    assert math.isclose(out["full_study_engine_s"], engine_s)
+    assert math.isclose(out["speedup_vs_plain"], plain_s / engine_s)
+    assert out["max_rel_diff"] == max(r["max_rel_diff"] for r in runs)
+    assert out["peak_mem_bytes"] == max(r["peak_mem_bytes"] for r in runs)
+
+
+def test_precision_cost_is_per_metric_and_counts_one_sided_nan_instead_of_hiding_it():
+    from pipeline.bench import precision_cost
+
+    ref = np.ones((2, 3, len(COMPARED)))
+    low = ref.copy()
+    low[0, 0, COMPARED.index("kl")] = 1.5  # 50% of kl's scale
+    low[1, 2, COMPARED.index("delta_ce")] = 1.01
+    low[1, 1, COMPARED.index("kl_live")] = float("nan")  # the feature never fires in low precision
+    cost = precision_cost(low, ref)
+    assert math.isclose(cost["rel_diff_vs_float32"]["kl"], 0.5)
+    assert math.isclose(cost["rel_diff_vs_float32"]["delta_ce"], 0.01, rel_tol=1e-9)
+    assert cost["rel_diff_vs_float32"]["kl_live"] == 0.0 and cost["nan_mismatches"] == 1
+    assert math.isclose(cost["max_rel_diff_vs_float32"], 0.5)

@@ -151,6 +151,7 @@ def run_layer(
     delta_sum = torch.zeros((n_feat * n_val, d_vocab), dtype=acc_dtype, device=device)
     values_dev = torch.tensor(values, dtype=directions.dtype, device=device)
     chunk_tokens = max(1, chunk_elems // d_vocab)
+    live_dev = torch.from_numpy(live_np).to(device=device, dtype=torch.float32)  # [F, N, S], 1.0 = live
 
     def log_probs(final_rows: Tensor) -> Tensor:
         """log softmax of the logits, float32, computed in place on the unembedding's output."""
@@ -206,12 +207,10 @@ def run_layer(
             diff = lp.sub_(lp_clean_blk[j, s0:s1])  # log p_int - log p_clean, in place
             # sum_v p_clean (log p_clean - log p_int), as a batched dot product: no temporary
             kl_blk[f, a, j, s0:s1] = -torch.bmm(p_clean_blk[j, s0:s1, None, :], diff[:, :, None]).view(-1)
-            # Live positions are known on the host: no device sync to find them.
-            live_idx = np.flatnonzero(live_np[f, b0 + j, s0:s1])
-            if live_idx.size:
-                centred = diff.index_select(0, torch.from_numpy(live_idx).to(device))
-                centred -= centred.mean(-1, keepdim=True)
-                delta_blk[f * n_val + a] += centred.sum(0).to(acc_dtype)
+            # Sum of the centred deltas over live positions, as a 0/1 mask times the rows: no
+            # index list to copy to the device, so no host-device synchronisation per row.
+            diff.sub_(diff.mean(-1, keepdim=True))
+            delta_blk[f * n_val + a] += (live_dev[f, b0 + j, s0:s1] @ diff).to(acc_dtype)
             stats.positions_unembedded += s1 - s0
         for r0 in range(0, len(rows_f), bs):
             rf = torch.tensor(rows_f[r0:r0 + bs], device=device)
