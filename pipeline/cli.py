@@ -12,7 +12,8 @@ import json
 import logging
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -62,30 +63,38 @@ def main(
     quiet_library_warnings()
 
 
-def _run(target: str, *args: Any) -> Any:
-    """Load and validate params, then import and call `module:function` with them.
-
-    Params are checked before the stage's module is imported, so a typo costs a fraction of a
-    second, not the several seconds torch and TransformerLens take to import.
-    """
+@contextmanager
+def _one_line_errors(on_interrupt: str) -> Iterator[None]:
+    """A UserError prints one line and exits 2 (--debug: the traceback); Ctrl-C and SIGTERM print
+    one line saying what was kept and exit 130 / 143."""
     try:
-        from pipeline.config import load_config
-
-        config = load_config(_state.params)
-        module, name = target.split(":")
-        fn: Callable[..., Any] = getattr(importlib.import_module(module), name)
-        return fn(config, *args)
+        yield
     except UserError as exc:
         if _state.debug:
             raise
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
     except KeyboardInterrupt:
-        typer.echo("interrupted; finished outputs are kept, nothing half-written", err=True)
+        typer.echo(f"interrupted; {on_interrupt}", err=True)
         raise typer.Exit(130) from None
     except Terminated:
-        typer.echo("terminated; finished outputs are kept, nothing half-written", err=True)
+        typer.echo(f"terminated; {on_interrupt}", err=True)
         raise typer.Exit(143) from None
+
+
+def _run(target: str, *args: Any) -> Any:
+    """Load and validate params, then import and call `module:function` with them.
+
+    Params are checked before the stage's module is imported, so a typo costs a fraction of a
+    second, not the several seconds torch and TransformerLens take to import.
+    """
+    with _one_line_errors("finished outputs are kept, nothing half-written"):
+        from pipeline.config import load_config
+
+        config = load_config(_state.params)
+        module, name = target.split(":")
+        fn: Callable[..., Any] = getattr(importlib.import_module(module), name)
+        return fn(config, *args)
 
 
 @app.command()
@@ -176,15 +185,6 @@ def bench(
     """Benchmark the engine against the plain SAE-Lens way on GPT-2-Small-shaped random weights (no download)."""
     from pipeline.bench import run_bench
 
-    try:
+    with _one_line_errors("no benchmark JSON written"):
         run_bench(device=device, out=out, quick=quick, full=full, skip_plain=skip_plain, dtypes=dtype or None,
                   reference=reference)
-    except UserError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
-    except KeyboardInterrupt:
-        typer.echo("interrupted; no benchmark JSON written", err=True)
-        raise typer.Exit(130) from None
-    except Terminated:
-        typer.echo("terminated; no benchmark JSON written", err=True)
-        raise typer.Exit(143) from None
