@@ -35,6 +35,7 @@ import torch
 
 from pipeline.engine.metrics import live_positions, variant_metrics
 from pipeline.engine.run import LayerResult, run_layer
+from pipeline.errors import UserError
 from pipeline.io import write_json
 from pipeline.loading import resolve_device, torch_dtype
 from pipeline.quiet import quiet_library_warnings
@@ -430,7 +431,10 @@ def run_bench(device: str = "auto", out: Path | None = None, quick: bool = False
               skip_plain: bool = False, dtypes: list[str] | None = None, reference: bool | None = None,
               log=print) -> dict[str, Any]:
     quiet_library_warnings()
-    dev = resolve_device(device)
+    dev = resolve_device(device, "--device")
+    for name in dtypes or []:
+        if name not in ("float32", "bfloat16", "float16"):
+            raise UserError(f"--dtype is '{name}'; allowed: float32, bfloat16, float16")
     if dtypes is None:
         dtypes = ["bfloat16", "float16"] if dev.type == "cuda" else []
     dtypes = [d for d in dtypes if d != "float32"]  # float32 always runs: `--dtype float32` means only it

@@ -70,7 +70,7 @@ FEATURE_SOURCES = ("csv", "neuronpedia", "auto")
 INTERVENTION_IDENTITY: dict[str, float | None] = {"scale": 1.0, "clamp": None, "add": 0.0}
 INTERVENTIONS = tuple(INTERVENTION_IDENTITY)
 DTYPES = ("float32", "bfloat16", "float16")
-_DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
 
 @dataclass(frozen=True)
@@ -113,7 +113,7 @@ def _layers_ok(v: list[int]) -> str | None:
 
 
 def _device_ok(v: str) -> str | None:
-    return None if _DEVICE_RE.match(v) else "auto, cpu, cuda, cuda:N or mps"
+    return None if DEVICE_RE.match(v) else "auto, cpu, cuda, cuda:N or mps"
 
 
 _FIELDS: dict[str, _Field] = {

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from pipeline.config import is_local_path
+from pipeline.config import DEVICE_RE, is_local_path
 from pipeline.errors import UserError
 from pipeline.quiet import quiet_library_warnings
 from pipeline.resolve import LayerPlan, same_tensor
@@ -32,24 +32,26 @@ MODEL_WEIGHTS = "model.safetensors"
 TOKENIZER_SPEC = "tokenizer_spec.json"
 
 
-def resolve_device(name: str) -> torch.device:
-    """`auto` -> CUDA when present, else Apple MPS, else CPU; an explicit device must exist."""
+def resolve_device(name: str, where: str = "params.yaml: device") -> torch.device:
+    """`auto` -> CUDA when present, else Apple MPS, else CPU; an explicit device must exist.
+
+    `where` names the setting in error messages (a params key, or a command-line option)."""
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
         if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
+    if not DEVICE_RE.match(name):
+        raise UserError(f"{where} is '{name}'; allowed: auto, cpu, cuda, cuda:N or mps")
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise UserError(f"params.yaml: device is '{name}' but CUDA is not available here; use auto or cpu")
+            raise UserError(f"{where} is '{name}' but CUDA is not available here; use auto or cpu")
         index = int(name.split(":")[1]) if ":" in name else 0
         if index >= torch.cuda.device_count():
-            raise UserError(
-                f"params.yaml: device is '{name}' but only {torch.cuda.device_count()} CUDA device(s) exist"
-            )
+            raise UserError(f"{where} is '{name}' but only {torch.cuda.device_count()} CUDA device(s) exist")
     if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise UserError("params.yaml: device is 'mps' but Apple MPS is not available here; use auto or cpu")
+        raise UserError(f"{where} is 'mps' but Apple MPS is not available here; use auto or cpu")
     return torch.device(name)
 
 

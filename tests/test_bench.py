@@ -98,3 +98,17 @@ def test_precision_cost_is_per_metric_and_counts_one_sided_nan_instead_of_hiding
     assert math.isclose(cost["rel_diff_vs_float32"]["delta_ce"], 0.01, rel_tol=1e-9)
     assert cost["rel_diff_vs_float32"]["kl_live"] == 0.0 and cost["nan_mismatches"] == 1
     assert math.isclose(cost["max_rel_diff_vs_float32"], 0.5)
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--device", "gpu0"], "error: --device is 'gpu0'; allowed: auto, cpu, cuda, cuda:N or mps"),
+    (["--device", "cpu", "--dtype", "fp8"], "error: --dtype is 'fp8'; allowed: float32, bfloat16, float16"),
+])
+def test_bad_bench_options_are_one_line_naming_the_option(tmp_path, args, message):
+    from tests.conftest import ROOT, run_cli
+
+    out = tmp_path / "bench.json"
+    proc = run_cli(["bench", *args, "--out", str(out)], ROOT, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == message
+    assert "Traceback" not in proc.stdout + proc.stderr and not out.exists()
