@@ -11,6 +11,7 @@ import torch
 from pipeline.bench import COMPARED, max_rel_diff, metrics_table, plain_way
 from pipeline.engine.run import run_layer
 from tests.builders import build_model, build_sae, build_tokens
+from tests.conftest import ROOT, run_cli
 
 
 def test_plain_sae_lens_way_and_engine_give_the_same_metrics():
@@ -105,8 +106,6 @@ def test_precision_cost_is_per_metric_and_counts_one_sided_nan_instead_of_hiding
     (["--device", "cpu", "--dtype", "fp8"], "error: --dtype is 'fp8'; allowed: float32, bfloat16, float16"),
 ])
 def test_bad_bench_options_are_one_line_naming_the_option(tmp_path, args, message):
-    from tests.conftest import ROOT, run_cli
-
     out = tmp_path / "bench.json"
     proc = run_cli(["bench", *args, "--out", str(out)], ROOT, timeout=120)
     assert proc.returncode == 2
