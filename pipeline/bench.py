@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline.config import DTYPES
 from pipeline.engine.metrics import live_positions, variant_metrics
 from pipeline.engine.run import LayerResult, run_layer
 from pipeline.errors import UserError
@@ -433,8 +434,8 @@ def run_bench(device: str = "auto", out: Path | None = None, quick: bool = False
     quiet_library_warnings()
     dev = resolve_device(device, "--device")
     for name in dtypes or []:
-        if name not in ("float32", "bfloat16", "float16"):
-            raise UserError(f"--dtype is '{name}'; allowed: float32, bfloat16, float16")
+        if name not in DTYPES:
+            raise UserError(f"--dtype is '{name}'; allowed: {', '.join(DTYPES)}")
     if dtypes is None:
         dtypes = ["bfloat16", "float16"] if dev.type == "cuda" else []
     dtypes = [d for d in dtypes if d != "float32"]  # float32 always runs: `--dtype float32` means only it
