@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 
     from pipeline.toy.train import LMSettings, SAESettings
 
+
 def new_toy_model(seed: int, base: dict[str, Any] | None = None) -> HookedTransformer:
     """A randomly initialised toy HookedTransformer (deterministic from seed)."""
     import torch
