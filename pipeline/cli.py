@@ -1,4 +1,5 @@
-"""The command line: one command per DVC stage (what dvc.yaml calls), plus `plan` and `bench`.
+"""The command line: one command per DVC stage (what dvc.yaml calls), plus `plan`, `check`, `bench`
+and `twin` (the offline stand-in of the hub).
 
 Each command reads params.yaml into a validated Config and calls the stage's function; nothing
 else happens here. A problem the user can fix prints one line (`error: ...`) and exits 2; pass
@@ -188,3 +189,23 @@ def bench(
     with _one_line_errors("no benchmark JSON written"):
         run_bench(device=device, out=out, quick=quick, full=full, skip_plain=skip_plain, dtypes=dtype or None,
                   reference=reference)
+
+
+@app.command()
+def twin(
+    directory: Path = typer.Argument(..., help="Where to write the Hugging Face cache (then use HF_HOME=DIRECTORY)."),
+    scale: str = typer.Option("tiny", "--scale", help="tiny (GPT-2's architecture, small widths; seconds) or full "
+                              "(GPT-2 Small's true shapes; ~2.5 GB)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the random weights."),
+) -> None:
+    """Build the hub twin: offline stand-ins of the gpt2-small preset's hub repos (GPT-2, the res-jb SAEs,
+    WikiText-2) in their real formats, with random weights, so the real path runs with HF_HOME=DIRECTORY
+    HF_HUB_OFFLINE=1. Its numbers mean nothing: it proves the code path, not the science."""
+    with _one_line_errors("the twin may be incomplete; build it again"):
+        from pipeline.twin.build import SCALES, build_twin
+
+        if scale not in SCALES:
+            raise UserError(f"--scale is '{scale}'; allowed: {', '.join(SCALES)}")
+        manifest = build_twin(directory, scale, seed)
+    typer.echo(f"twin: {scale} scale, repos {', '.join(manifest['repos'])} -> {directory} "
+               f"(use HF_HOME={directory} HF_HUB_OFFLINE=1)")

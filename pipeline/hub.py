@@ -18,6 +18,7 @@ from pathlib import Path
 from pipeline.errors import UserError
 
 SAE_FILES = ("cfg.json", "sae_weights.safetensors")
+MODEL_FILES = ("config.json", "model.safetensors")  # what TransformerLens reads for a hub model's weights
 OFFLINE_HINT = "the offline preset runs with `dvc exp run -S preset=toy`"
 
 

@@ -107,7 +107,9 @@ def load_model(name: str, device: torch.device, dtype: str,
         model = load_local_model(name, device, torch_dtype(dtype))
     else:
         from transformer_lens import HookedTransformer
+        from transformers.utils import logging as transformers_logging
 
+        transformers_logging.disable_progress_bar()  # a "Loading weights" bar per stage says nothing
         try:
             model = HookedTransformer.from_pretrained(
                 name, device=str(device), dtype=torch_dtype(dtype), **(from_pretrained_kwargs or {})

@@ -12,8 +12,9 @@ def quiet_library_warnings() -> None:
     """Silence deprecation chatter and library loggers below ERROR (this process)."""
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", message=".*model_from_pretrained_kwargs.*")
-    warnings.filterwarnings("ignore", message=".*use_error_term.*")
+    # (?s): SAE-Lens's message starts with a newline, which a plain `.*` does not cross.
+    warnings.filterwarnings("ignore", message="(?s).*model_from_pretrained_kwargs")
+    warnings.filterwarnings("ignore", message="(?s).*use_error_term")
     for name in ("transformer_lens", "sae_lens", "transformers", "huggingface_hub", "datasets"):
         logging.getLogger(name).setLevel(logging.ERROR)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")

@@ -12,11 +12,8 @@ import copy
 import json
 import logging
 import socket
-import threading
-from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -41,9 +38,9 @@ from pipeline.sources.neuronpedia import (
     documented_indices,
     rejection,
 )
+from tests.neuronpedia_standin import PAYLOADS, FakeNeuronpedia, Reply
 
 ROOT = Path(__file__).resolve().parents[1]
-PAYLOADS = Path(__file__).parent / "data" / "neuronpedia"
 
 # Outcomes of the payloads in tests/data/neuronpedia/gpt2-small/4-res-jb (resid_post layer 3).
 GOOD_4 = {1362, 7023, 14801, 19488, 23123}
@@ -52,61 +49,6 @@ BAD_4 = {6874: "no explanation", 10417: "frac_nonzero outside", 10462: "explanat
 # 12-res-jb (resid_post layer 11) has no documented features; the fake SAE there has d_sae 6.
 GOOD_12 = {0, 2, 4}
 D_SAE_11 = 6
-
-
-# ---- a scripted local Neuronpedia ---------------------------------------------------------------
-
-@dataclass
-class Reply:
-    status: int = 200
-    body: bytes | None = None  # None: the payload file (or 404 when there is none)
-    headers: dict[str, str] = field(default_factory=dict)
-    hang: bool = False  # answer nothing until the test ends: the client times out
-
-
-class FakeNeuronpedia:
-    def __init__(self):
-        self.requests: list[str] = []
-        self.scripts: dict[str, list[Reply]] = {}
-        self.release = threading.Event()
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-        self.httpd.fake = self
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self._thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.01},
-                                        daemon=True)
-        self._thread.start()
-
-    def script(self, path: str, *replies: Reply) -> None:
-        self.scripts[path] = list(replies)
-
-    def stop(self) -> None:
-        self.release.set()
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
-class _Handler(BaseHTTPRequestHandler):
-    def do_GET(self):  # noqa: N802 - http.server's name
-        fake: FakeNeuronpedia = self.server.fake
-        fake.requests.append(self.path)
-        script = fake.scripts.get(self.path)
-        reply = script.pop(0) if script else Reply()
-        if reply.hang:
-            fake.release.wait(10)
-            return
-        status, body = reply.status, reply.body
-        if body is None:
-            file = PAYLOADS / (self.path.removeprefix("/api/feature/") + ".json")
-            status, body = (200, file.read_bytes()) if file.is_file() else (404, b'{"error":"Not Found"}')
-        self.send_response(status)
-        for key, value in {"Content-Type": "application/json", **reply.headers}.items():
-            self.send_header(key, value)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format, *args):  # noqa: A002, ARG002 - keep test output quiet
-        pass
 
 
 class Sleeps(list):

@@ -19,7 +19,8 @@ from pipeline.loading import save_local_model
 from pipeline.tokenizer import ByteTokenizer
 from tests.builders import build_model, build_sae
 from tests.conftest import make_project_copy, run_dvc
-from tests.test_neuronpedia import GOOD_4, GOOD_12, FakeNeuronpedia, closed_port_url
+from tests.neuronpedia_standin import FakeNeuronpedia
+from tests.test_neuronpedia import GOOD_4, GOOD_12, closed_port_url
 
 pytestmark = pytest.mark.slow
 

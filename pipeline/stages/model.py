@@ -67,7 +67,8 @@ def run_model_stage(config: Config) -> dict[str, Any]:
 
         model_kwargs = None if config.saes_are_local else sae_model_kwargs(list(saes.values()))
         if not config.model_is_local and availability == "cache":
-            hub.ensure_available([hub.HubFile(_official_repo(config.model), "config.json")], f"model {config.model}")
+            repo = _official_repo(config.model)
+            hub.ensure_available([hub.HubFile(repo, name) for name in hub.MODEL_FILES], f"model {config.model}")
         model = load_model(config.model, device, "float32", model_kwargs)
         too_deep = [p.layer for p in plans if p.layer >= model.cfg.n_layers]
         if too_deep:
@@ -138,7 +139,7 @@ def _model_entry(config: Config, model, kwargs: dict[str, Any] | None) -> dict[s
         entry = {
             "name": config.model,
             "source": "hub",
-            "hub": [hub.snapshot_record(hub.HubFile(repo, f)) for f in ("config.json", "model.safetensors")],
+            "hub": [hub.snapshot_record(hub.HubFile(repo, f)) for f in hub.MODEL_FILES],
             "from_pretrained_kwargs": kwargs or {},
         }
     cfg = model.cfg
