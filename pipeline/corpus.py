@@ -60,7 +60,8 @@ def _wikitext2() -> CorpusText:
         datasets.logging.set_verbosity_error()
         rows = datasets.load_dataset(repo, config, split=split)
     except Exception as exc:  # noqa: BLE001 - datasets raises many types for "no network"
-        detail = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+        # The first line names what is missing (a file, the hub); pyarrow's ". Detail: ..." repeats it.
+        detail = str(exc).strip().splitlines()[0].split(". Detail:")[0][:400] if str(exc).strip() else ""
         raise UserError(
             f"could not load WikiText-2 ({repo}, {config}, {split}) from the hub or the datasets "
             f"cache ({type(exc).__name__}{': ' + detail if detail else ''}); connect to the internet once, "
