@@ -22,6 +22,7 @@ from pipeline.config import DEVICE_RE, is_local_path
 from pipeline.errors import UserError
 from pipeline.quiet import quiet_library_warnings
 from pipeline.resolve import LayerPlan, same_tensor
+from pipeline.runinfo import timed
 
 if TYPE_CHECKING:
     from sae_lens import SAE
@@ -102,6 +103,15 @@ def load_local_model(directory: str | Path, device: torch.device, dtype: torch.d
 def load_model(name: str, device: torch.device, dtype: str,
                from_pretrained_kwargs: dict[str, Any] | None = None) -> HookedTransformer:
     """The model the study runs (hub name or local directory), in eval mode with gradients off."""
+    with timed("import"):
+        import transformer_lens  # noqa: F401 - a library import, timed apart from the loading
+        import transformers  # noqa: F401
+    with timed("load"):
+        return _load_model(name, device, dtype, from_pretrained_kwargs)
+
+
+def _load_model(name: str, device: torch.device, dtype: str,
+                from_pretrained_kwargs: dict[str, Any] | None) -> HookedTransformer:
     quiet_library_warnings()
     if is_local_path(name):
         model = load_local_model(name, device, torch_dtype(dtype))
@@ -132,6 +142,13 @@ def load_model(name: str, device: torch.device, dtype: str,
 
 def load_sae(release: str, plan: LayerPlan, device: torch.device, dtype: str) -> SAE:
     """One SAE: SAE.from_pretrained(release, id) from the hub, or SAE.load_from_disk(release/id)."""
+    with timed("import"):
+        import sae_lens  # noqa: F401 - a library import, timed apart from the loading
+    with timed("load"):
+        return _load_sae(release, plan, device, dtype)
+
+
+def _load_sae(release: str, plan: LayerPlan, device: torch.device, dtype: str) -> SAE:
     quiet_library_warnings()
     from sae_lens import SAE
 

@@ -44,11 +44,14 @@ class HFTokenizer:
     """A Hugging Face tokenizer (for GPT-2: BPE with <|endoftext|> = 50256 as BOS)."""
 
     def __init__(self, name: str):
-        from transformers import AutoTokenizer
+        from pipeline.runinfo import timed
 
+        with timed("import"):
+            from transformers import AutoTokenizer
         self.name = name
         try:
-            self._tok = AutoTokenizer.from_pretrained(name)
+            with timed("load"):
+                self._tok = AutoTokenizer.from_pretrained(name)
         except OSError as exc:
             raise UserError(
                 f"could not load the tokenizer '{name}' from the Hugging Face cache or hub "

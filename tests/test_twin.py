@@ -224,3 +224,11 @@ def test_the_gpt2_small_preset_runs_every_stage_on_the_twin(twin, tmp_path_facto
     summary = json.loads((project / "metrics/summary.json").read_text())
     assert summary["n_features"] == 12 and summary["sanity"]["identity_rows_nonzero"] == 0
     assert "data:image/png;base64," in (project / "report/report.html").read_text()
+
+
+def test_no_stage_knows_about_the_twin():
+    """To the pipeline the twin is only a Hugging Face cache: only the `twin` command imports it."""
+    package = Path(__file__).parents[1] / "pipeline"
+    importers = {str(p.relative_to(package)) for p in package.rglob("*.py")
+                 if "pipeline.twin" in p.read_text(encoding="utf-8") and p.parent.name != "twin"}
+    assert importers == {"cli.py"}
