@@ -20,7 +20,8 @@ from typing import Any
 
 import typer
 
-from pipeline import paths
+from pipeline import artifacts
+from pipeline.config import PARAMS
 from pipeline.errors import UserError
 
 app = typer.Typer(
@@ -35,7 +36,7 @@ app = typer.Typer(
 
 
 class _State:
-    params: Path = paths.PARAMS
+    params: Path = PARAMS
     debug: bool = False
 
 
@@ -52,7 +53,7 @@ def _on_sigterm(signum, frame):  # noqa: ARG001
 
 @app.callback()
 def main(
-    params: Path = typer.Option(paths.PARAMS, "--params", help="The params file to read."),
+    params: Path = typer.Option(PARAMS, "--params", help="The params file to read."),
     debug: bool = typer.Option(False, "--debug", help="Show the full traceback on errors."),
 ) -> None:
     _state.params = params
@@ -101,9 +102,9 @@ def _run(target: str, *args: Any) -> Any:
 @app.command()
 def plan(as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table.")) -> None:
     """Print the resolved plan (model, SAEs, hooks, Neuronpedia sources, forward passes); loads no weights."""
-    from pipeline.plan import format_plan
+    from pipeline.preview import format_plan
 
-    result = _run("pipeline.plan:build_plan")
+    result = _run("pipeline.preview:build_plan")
     typer.echo(json.dumps(result, indent=2) if as_json else format_plan(result))
 
 
@@ -119,7 +120,7 @@ def model() -> None:
     """Stage `model`: download (gpt2-small) or build (toy) the model and SAEs -> data/model.json."""
     resolved = _run("pipeline.stages.model:run_model_stage")
     typer.echo(f"model: {resolved['model']['name']} ({resolved['model']['source']}), "
-               f"{len(resolved['layers'])} SAEs from {resolved['sae_release']} -> {paths.MODEL_JSON}")
+               f"{len(resolved['layers'])} SAEs from {resolved['sae_release']} -> {artifacts.MODEL_JSON}")
 
 
 @app.command()
@@ -127,21 +128,21 @@ def tokenize() -> None:
     """Stage `tokenize`: corpus -> data/tokens.npy (passages x max_len, BOS first)."""
     meta = _run("pipeline.stages.tokenize:run_tokenize_stage")
     typer.echo(f"tokenize: {meta['corpus']}, {meta['n_tokens']:,} tokens -> {meta['n_windows']:,} windows, "
-               f"sampled {meta['tokens_shape'][0]} x {meta['tokens_shape'][1]} -> {paths.TOKENS}")
+               f"sampled {meta['tokens_shape'][0]} x {meta['tokens_shape'][1]} -> {artifacts.TOKENS}")
 
 
 @app.command()
 def features() -> None:
     """Stage `features`: choose features_per_layer features per layer -> data/features.csv."""
     frame = _run("pipeline.stages.features:run_features_stage")
-    typer.echo(f"features: {len(frame)} features over {frame['layer'].nunique()} layers -> {paths.FEATURES}")
+    typer.echo(f"features: {len(frame)} features over {frame['layer'].nunique()} layers -> {artifacts.FEATURES}")
 
 
 @app.command()
 def intervene(layer: int = typer.Option(..., "--layer", help="The layer to run (one of params `layers`).")) -> None:
     """Stage `intervene@L`: every feature of layer L x every alpha -> metrics/layers/layer_L.csv."""
     frame = _run("pipeline.stages.intervene:run_intervene_stage", layer)
-    typer.echo(f"intervene@{layer}: {len(frame)} rows -> {paths.layer_metrics(layer)}")
+    typer.echo(f"intervene@{layer}: {len(frame)} rows -> {artifacts.layer_metrics(layer)}")
 
 
 @app.command()
@@ -149,7 +150,7 @@ def aggregate() -> None:
     """Stage `aggregate`: per-layer tables -> per-feature / per-layer CSVs and metrics/summary.json."""
     result = _run("pipeline.stages.aggregate:run_aggregate_stage")
     typer.echo(f"aggregate: alpha {result['alpha']:g}: mean delta-CE {result['mean_delta_ce']}, "
-               f"mean KL {result['mean_kl']} over {result['n_features']} features -> {paths.SUMMARY}")
+               f"mean KL {result['mean_kl']} over {result['n_features']} features -> {artifacts.SUMMARY}")
 
 
 @app.command()

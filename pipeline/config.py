@@ -1,6 +1,7 @@
 """params.yaml -> one typed, validated `Config`.
 
-Every key of params.yaml is declared once in `_FIELDS` with its type, its range and a help line.
+Every key of params.yaml is declared once, as a field of `Config` with its kind, default, range
+check and help line (`PARAM_SPECS` is read off those declarations).
 An unknown key, a wrong type or a value out of range is a `UserError` that names the key and what
 is allowed, raised before any long work starts. Keys whose value is `null` take the preset's
 choice (see `PRESETS`), so `dvc exp run -S preset=toy` alone switches model, SAEs, corpus,
@@ -13,14 +14,16 @@ import difflib
 import math
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from pipeline import paths
+from pipeline.engine.identity import INTERVENTION_NAMES
 from pipeline.errors import UserError
+
+PARAMS = Path("params.yaml")
 
 
 @dataclass(frozen=True)
@@ -66,15 +69,14 @@ PRESETS: dict[str, Preset] = {
 
 HOOKS = ("resid_post", "resid_pre")
 FEATURE_SOURCES = ("csv", "neuronpedia", "auto")
-# The value that leaves the model untouched, per intervention (pipeline.engine.interventions).
-INTERVENTION_IDENTITY: dict[str, float | None] = {"scale": 1.0, "clamp": None, "add": 0.0}
-INTERVENTIONS = tuple(INTERVENTION_IDENTITY)
 DTYPES = ("float32", "bfloat16", "float16")
 DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
 
 @dataclass(frozen=True)
-class _Field:
+class Param:
+    """How one params.yaml key is read: its kind, default, help line and check."""
+
     kind: str  # "int", "float", "str", "int_list", "float_list"
     default: Any
     help: str
@@ -116,72 +118,47 @@ def _device_ok(v: str) -> str | None:
     return None if DEVICE_RE.match(v) else "auto, cpu, cuda, cuda:N or mps"
 
 
-_FIELDS: dict[str, _Field] = {
-    "preset": _Field("str", "gpt2-small", "model + SAEs + corpus bundle", check=_choice(tuple(PRESETS))),
-    "model": _Field("str", None, "TransformerLens model name or local model directory", nullable=True),
-    "sae_release": _Field("str", None, "SAE-Lens release or local directory of SAEs", nullable=True),
-    "hook": _Field("str", None, "residual hook the SAEs read", nullable=True, check=_choice(HOOKS)),
-    "corpus": _Field("str", None, "wikitext-2, python-docs or a .txt file", nullable=True),
-    "layers": _Field("int_list", list(range(12)), "layers to intervene at", check=_layers_ok),
-    "alpha": _Field("float", 2.0, "headline scale factor (always in the sweep)"),
-    "alpha_sweep": _Field("float_list", [0.0, 0.5, 1.0, 2.0, 4.0], "scale factors to run", check=_nonempty),
-    "intervention": _Field("str", "scale", "scale, clamp or add", check=_choice(INTERVENTIONS)),
-    "seed": _Field("int", 1234, "controls passage sampling, toy weights, feature choice", check=_range(0)),
-    "max_passages": _Field("int", None, "passages sampled from the corpus", nullable=True, check=_range(1)),
-    "max_len": _Field("int", None, "tokens per passage, BOS included", nullable=True, check=_range(3)),
-    "feature_source": _Field(
-        "str", None, "csv, neuronpedia or auto", nullable=True, check=_choice(FEATURE_SOURCES)
-    ),
-    "features_per_layer": _Field("int", 5, "features chosen per layer", check=_range(1)),
-    "features_csv": _Field("str", "data/neuronpedia_features.csv", "curated features for feature_source csv"),
-    "min_density": _Field("float", 1e-4, "lowest firing rate a chosen feature may have", check=_range(0, 1)),
-    "max_density": _Field("float", 0.05, "highest firing rate a chosen feature may have", check=_range(0, 1)),
-    "neuronpedia_max_fetch": _Field(
-        "int", 60, "neuronpedia: most candidate features fetched per layer", check=_range(1)
-    ),
-    "live_percentile": _Field("float", 90.0, "percentile of activation defining live positions", check=_range(0, 100)),
-    "top_k_tokens": _Field("int", 10, "promoted/suppressed tokens kept per feature", check=_range(1)),
-    "n_snippets": _Field("int", 5, "top-activating contexts kept per feature", check=_range(0)),
-    "batch_size": _Field("int", 16, "rows per forward pass; halves itself on out-of-memory", check=_range(1)),
-    "device": _Field("str", "auto", "auto, cpu, cuda, cuda:N or mps", check=_device_ok),
-    "dtype": _Field("str", "float32", "model and SAE dtype", check=_choice(DTYPES)),
-    "toy_lm_steps": _Field("int", 1500, "toy preset: language-model training steps", check=_range(0)),
-    "toy_sae_steps": _Field("int", 1500, "toy preset: SAE training steps per layer", check=_range(0)),
-    "plot_dpi": _Field("int", 150, "resolution of the PNG figures", check=_range(50, 600)),
-}
+def param(kind: str, default: Any, help: str, *, nullable: bool = False,  # noqa: A002 - the help text
+          check: Callable[[Any], str | None] | None = None) -> Any:
+    """A Config field declared as a params.yaml key: how it is read, its default and its help."""
+    return field(metadata={"param": Param(kind, default, help, nullable, check)})
 
 
 @dataclass(frozen=True)
 class Config:
-    """The validated parameters, with every null replaced by the preset's choice."""
+    """The validated parameters, with every null replaced by the preset's choice.
 
-    preset: str
-    model: str
-    sae_release: str
-    hook: str
-    corpus: str
-    layers: tuple[int, ...]
-    alpha: float
-    alpha_sweep: tuple[float, ...]  # sorted, unique, always contains alpha
-    intervention: str
-    seed: int
-    max_passages: int
-    max_len: int
-    features_per_layer: int
-    feature_source: str
-    features_csv: str
-    min_density: float
-    max_density: float
-    neuronpedia_max_fetch: int
-    live_percentile: float
-    top_k_tokens: int
-    n_snippets: int
-    batch_size: int
-    device: str
-    dtype: str
-    toy_lm_steps: int
-    toy_sae_steps: int
-    plot_dpi: int
+    Each field is one params.yaml key, declared once here with its kind, default, help and check
+    (in params.yaml's order); `parse_params` reads them from these declarations."""
+
+    preset: str = param("str", "gpt2-small", "model + SAEs + corpus bundle", check=_choice(tuple(PRESETS)))
+    model: str = param("str", None, "TransformerLens model name or local model directory", nullable=True)
+    sae_release: str = param("str", None, "SAE-Lens release or local directory of SAEs", nullable=True)
+    hook: str = param("str", None, "residual hook the SAEs read", nullable=True, check=_choice(HOOKS))
+    corpus: str = param("str", None, "wikitext-2, python-docs or a .txt file", nullable=True)
+    layers: tuple[int, ...] = param("int_list", list(range(12)), "layers to intervene at", check=_layers_ok)
+    alpha: float = param("float", 2.0, "headline scale factor (always in the sweep)")
+    # sorted, unique, always contains alpha
+    alpha_sweep: tuple[float, ...] = param("float_list", [0.0, 0.5, 1.0, 2.0, 4.0], "scale factors to run", check=_nonempty)
+    intervention: str = param("str", "scale", "scale, clamp or add", check=_choice(INTERVENTION_NAMES))
+    seed: int = param("int", 1234, "controls passage sampling, toy weights, feature choice", check=_range(0))
+    max_passages: int = param("int", None, "passages sampled from the corpus", nullable=True, check=_range(1))
+    max_len: int = param("int", None, "tokens per passage, BOS included", nullable=True, check=_range(3))
+    feature_source: str = param("str", None, "csv, neuronpedia or auto", nullable=True, check=_choice(FEATURE_SOURCES))
+    features_per_layer: int = param("int", 5, "features chosen per layer", check=_range(1))
+    features_csv: str = param("str", "data/neuronpedia_features.csv", "curated features for feature_source csv")
+    min_density: float = param("float", 1e-4, "lowest firing rate a chosen feature may have", check=_range(0, 1))
+    max_density: float = param("float", 0.05, "highest firing rate a chosen feature may have", check=_range(0, 1))
+    neuronpedia_max_fetch: int = param("int", 60, "neuronpedia: most candidate features fetched per layer", check=_range(1))
+    live_percentile: float = param("float", 90.0, "percentile of activation defining live positions", check=_range(0, 100))
+    top_k_tokens: int = param("int", 10, "promoted/suppressed tokens kept per feature", check=_range(1))
+    n_snippets: int = param("int", 5, "top-activating contexts kept per feature", check=_range(0))
+    batch_size: int = param("int", 16, "rows per forward pass; halves itself on out-of-memory", check=_range(1))
+    device: str = param("str", "auto", "auto, cpu, cuda, cuda:N or mps", check=_device_ok)
+    dtype: str = param("str", "float32", "model and SAE dtype", check=_choice(DTYPES))
+    toy_lm_steps: int = param("int", 1500, "toy preset: language-model training steps", check=_range(0))
+    toy_sae_steps: int = param("int", 1500, "toy preset: SAE training steps per layer", check=_range(0))
+    plot_dpi: int = param("int", 150, "resolution of the PNG figures", check=_range(50, 600))
 
     @property
     def preset_info(self) -> Preset:
@@ -196,6 +173,13 @@ class Config:
         return is_local_path(self.sae_release)
 
 
+PARAM_SPECS: dict[str, Param] = {f.name: f.metadata["param"] for f in fields(Config)}
+# Keys whose null value is filled from the preset: a stage reading one depends on `preset` too.
+PRESET_KEYS = tuple(f.name for f in fields(Preset) if f.name in PARAM_SPECS)
+# Config properties and the keys they read.
+DERIVED_KEYS = {"preset_info": ("preset",), "model_is_local": ("model",), "saes_are_local": ("sae_release",)}
+
+
 def is_local_path(value: str) -> bool:
     """A model or SAE release given as a path (rather than a hub name)."""
     return value.startswith((".", "/", "~")) or value.startswith("data/") or Path(value).is_dir()
@@ -205,7 +189,7 @@ def _describe(value: Any) -> str:
     return f"{value!r} ({type(value).__name__})"
 
 
-def _coerce(key: str, field: _Field, value: Any, source: str) -> Any:
+def _coerce(key: str, field: Param, value: Any, source: str) -> Any:
     where = f"{source}: {key}"
     if value is None:
         if field.nullable:
@@ -265,13 +249,13 @@ def parse_params(raw: Any, source: str = "params.yaml") -> Config:
     if not isinstance(raw, dict):
         raise UserError(f"{source} must be a mapping of keys to values, got {type(raw).__name__}")
     for key in raw:
-        if key not in _FIELDS:
-            close = difflib.get_close_matches(str(key), list(_FIELDS), n=1)
+        if key not in PARAM_SPECS:
+            close = difflib.get_close_matches(str(key), list(PARAM_SPECS), n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
             raise UserError(
-                f"{source}: unknown key '{key}'{hint}; allowed keys: {', '.join(_FIELDS)}"
+                f"{source}: unknown key '{key}'{hint}; allowed keys: {', '.join(PARAM_SPECS)}"
             )
-    values = {k: _coerce(k, f, raw.get(k, f.default), source) for k, f in _FIELDS.items()}
+    values = {k: _coerce(k, f, raw.get(k, f.default), source) for k, f in PARAM_SPECS.items()}
 
     preset = PRESETS[values["preset"]]
     for key in ("model", "sae_release", "hook", "corpus", "feature_source", "max_passages", "max_len"):
@@ -290,7 +274,7 @@ def parse_params(raw: Any, source: str = "params.yaml") -> Config:
     return Config(**values)
 
 
-def load_config(path: str | Path = paths.PARAMS) -> Config:
+def load_config(path: str | Path = PARAMS) -> Config:
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path} not found; run from the repository root or pass --params FILE")

@@ -18,15 +18,18 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from pipeline import hub
 from pipeline.config import DEVICE_RE, is_local_path
 from pipeline.errors import UserError
+from pipeline.hooks import LayerPlan, same_tensor
 from pipeline.quiet import quiet_library_warnings
-from pipeline.resolve import LayerPlan, same_tensor
 from pipeline.runinfo import timed
 
 if TYPE_CHECKING:
     from sae_lens import SAE
     from transformer_lens import HookedTransformer
+
+    from pipeline.artifacts import ModelRecord
 
 MODEL_CONFIG = "config.json"
 MODEL_WEIGHTS = "model.safetensors"
@@ -192,3 +195,21 @@ def sae_model_kwargs(saes: list[SAE]) -> dict[str, Any]:
     if any(f != found[0] for f in found):
         raise UserError(f"the SAEs record different model_from_pretrained_kwargs: {found}")
     return found[0] if found else {}
+
+
+# ---------------------------------------------------------------------------------------------
+# What later stages load: exactly what the model stage recorded
+
+
+def load_study_model(record: ModelRecord, device: torch.device, dtype: str) -> HookedTransformer:
+    """The model data/model.json records; a hub model from the Hugging Face cache only."""
+    if record.model.source == "hub":
+        hub.go_offline()
+    return load_model(record.model.name, device, dtype, record.model.from_pretrained_kwargs)
+
+
+def load_study_sae(record: ModelRecord, layer: int, device: torch.device, dtype: str) -> SAE:
+    """Layer `layer`'s SAE as data/model.json records it; from the Hugging Face cache only."""
+    if record.model.source == "hub":
+        hub.go_offline()
+    return load_sae(record.sae_release, record.layer(layer).plan(), device, dtype)

@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 
-from pipeline import paths
+from pipeline import artifacts
 from pipeline.io import write_json
 
 LIBRARIES = ("torch", "transformer-lens", "sae-lens", "transformers", "datasets", "dvc", "numpy", "pandas")
@@ -89,4 +89,4 @@ def stage_record(stage: str, **fields: Any) -> Iterator[dict[str, Any]]:
         record["peak_gpu_mem_bytes"] = int(torch.cuda.max_memory_allocated())
     record["versions"] = library_versions()
     record["host"] = platform.node()
-    write_json(paths.run_record(stage), record)
+    write_json(artifacts.run_record(stage), record)

@@ -85,3 +85,13 @@ def tokenizer_from_spec(spec: dict[str, Any]) -> Tokenizer:
     if kind == "hf":
         return HFTokenizer(spec["name"])
     raise UserError(f"unknown tokenizer type {kind!r} in data/model.json; allowed: bytes, hf")
+
+
+def study_tokenizer(record) -> Tokenizer:
+    """The tokenizer data/model.json (a pipeline.artifacts.ModelRecord) records; a hub tokenizer is
+    read from the Hugging Face cache only."""
+    if record.model.source == "hub":
+        from pipeline import hub
+
+        hub.go_offline()
+    return tokenizer_from_spec(record.tokenizer)

@@ -12,11 +12,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pipeline.checks import check_features_per_layer, check_max_len
 from pipeline.config import Config
 from pipeline.corpus import CORPORA
 from pipeline.errors import UserError
+from pipeline.hooks import LayerPlan
+from pipeline.layer_plan import plan_layers
 from pipeline.loading import resolve_device
-from pipeline.resolve import LayerPlan, plan_layers
 
 
 def check_corpus_name(config: Config) -> None:
@@ -55,11 +57,6 @@ def preflight(config: Config) -> list[LayerPlan]:
 
 
 def after_loading(config: Config, n_ctx: int, d_sae: dict[int, int], plans: list[LayerPlan]) -> None:
-    if config.max_len > n_ctx:
-        raise UserError(f"params.yaml: max_len is {config.max_len} but the model's context is {n_ctx} tokens; "
-                        f"allowed: 3..{n_ctx}")
-    for layer in config.layers:
-        if layer in d_sae and config.features_per_layer > d_sae[layer]:
-            raise UserError(f"params.yaml: features_per_layer is {config.features_per_layer} but layer {layer}'s "
-                            f"SAE has {d_sae[layer]} features")
+    check_max_len(config, n_ctx)
+    check_features_per_layer(config, d_sae)
     check_feature_source(config, plans, d_sae)

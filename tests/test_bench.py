@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.bench import COMPARED, max_rel_diff, metrics_table, plain_way
+from pipeline.bench import COMPARED, max_rel_diff, metrics_table, plain_way, run_bench
 from pipeline.engine.run import run_layer
 from tests.builders import build_model, build_sae, build_tokens
 from tests.conftest import ROOT, run_cli
@@ -43,13 +43,16 @@ def test_max_rel_diff_is_relative_to_each_metrics_scale_and_flags_one_sided_nan(
 
 @pytest.fixture
 def small_bench(monkeypatch):
-    """pipeline.bench with the GPT-2 shape and the SAE shrunk to toy size; the code path is the real one."""
-    import pipeline.bench as bench
+    """pipeline.bench with the GPT-2 shape and the SAE shrunk to toy size; the code path is the real one.
 
-    monkeypatch.setattr(bench, "GPT2_SMALL_SHAPE", dict(n_layers=12, d_model=768 // 24, n_heads=2, d_head=16,
-                                                        d_mlp=64, n_ctx=64, d_vocab=300, act_fn="gelu_new",
-                                                        normalization_type="LN"))
-    monkeypatch.setattr(bench, "D_SAE", 128)
+    Everything that sizes the bench is read from pipeline.bench.workloads, which is what is patched (and returned).
+    """
+    from pipeline.bench import workloads as shapes
+
+    monkeypatch.setattr(shapes, "GPT2_SMALL_SHAPE", dict(n_layers=12, d_model=768 // 24, n_heads=2, d_head=16,
+                                                         d_mlp=64, n_ctx=64, d_vocab=300, act_fn="gelu_new",
+                                                         normalization_type="LN"))
+    monkeypatch.setattr(shapes, "D_SAE", 128)
 
     def small_sae(device, dtype, hook, seed=0):
         from sae_lens import StandardSAE, StandardSAEConfig
@@ -59,15 +62,15 @@ def small_bench(monkeypatch):
         return StandardSAE(StandardSAEConfig(d_in=32, d_sae=128, dtype=dtype, device=str(device),
                                              metadata=SAEMetadata(hook_name=hook))).eval().requires_grad_(False)
 
-    monkeypatch.setattr(bench, "build_sae", small_sae)
-    return bench
+    monkeypatch.setattr(shapes, "build_sae", small_sae)
+    return shapes
 
 
 def test_bench_runs_end_to_end_on_the_cpu_quick_path(small_bench, monkeypatch):
     """The real bench code path on toy sizes (the timings are not checked, the agreement is)."""
     monkeypatch.setattr(small_bench, "workloads", lambda quick, full: [  # noqa: ARG005
         small_bench.Workload("dense", 6, 2, (0.0, 1.0, 2.0), 3, 16, 2, None)])
-    out = small_bench.run_bench(device="cpu", quick=True, log=lambda *_: None)
+    out = run_bench(device="cpu", quick=True, log=lambda *_: None)
     for key in ("speedup_vs_plain", "max_rel_diff", "tokens_per_s", "floor_fraction", "peak_mem_bytes", "device",
                 "engine_vs_float64", "plain_vs_float64"):
         assert key in out, key
@@ -77,7 +80,7 @@ def test_bench_runs_end_to_end_on_the_cpu_quick_path(small_bench, monkeypatch):
 def test_full_study_headline_sums_every_layer_not_the_first(small_bench, monkeypatch):
     monkeypatch.setattr(small_bench, "workloads", lambda quick, full: [  # noqa: ARG005
         small_bench.Workload(f"full-L{layer}", layer, 2, (0.0, 2.0), 3, 16, 2, None) for layer in (2, 9)])
-    out = small_bench.run_bench(device="cpu", full=True, log=lambda *_: None)
+    out = run_bench(device="cpu", full=True, log=lambda *_: None)
     runs = list(out["workloads"].values())
     engine_s, plain_s = sum(r["engine_s"] for r in runs), sum(r["plain_s"] for r in runs)
     assert math.isclose(out["full_study_engine_s"], engine_s)

@@ -103,8 +103,8 @@ def test_floats_stay_finite_after_parsing():
 
 
 def test_params_yaml_lists_every_key_the_config_knows():
-    from pipeline.config import _FIELDS
+    from pipeline.config import PARAM_SPECS
 
     committed = yaml.safe_load((ROOT / "params.yaml").read_text())
-    assert list(committed) == list(_FIELDS)  # same keys, same order: params.yaml is the reference
-    assert all(field.help for field in _FIELDS.values())
+    assert list(committed) == list(PARAM_SPECS)  # same keys, same order: params.yaml is the reference
+    assert all(field.help for field in PARAM_SPECS.values())

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import yaml
 
-from pipeline import paths
+from pipeline import artifacts
 from pipeline.cli import app
 from tests.conftest import ROOT
 
@@ -27,20 +27,20 @@ def test_every_stage_is_a_cli_command_and_a_module():
 
 
 def test_artifact_paths_are_the_packages():
-    assert {str(paths.MODEL_JSON), str(paths.run_record("model"))} <= _outs(STAGES["model"])
+    assert {str(artifacts.MODEL_JSON), str(artifacts.run_record("model"))} <= _outs(STAGES["model"])
     assert "data/${preset}" in _outs(STAGES["model"])
-    assert {str(paths.TOKENS), str(paths.TOKENS_META)} <= _outs(STAGES["tokenize"])
-    assert {str(paths.FEATURES), str(paths.NEURONPEDIA_CACHE)} <= _outs(STAGES["features"])
+    assert {str(artifacts.TOKENS), str(artifacts.TOKENS_META)} <= _outs(STAGES["tokenize"])
+    assert {str(artifacts.FEATURES), str(artifacts.NEURONPEDIA_CACHE)} <= _outs(STAGES["features"])
     layer_outs = _outs(STAGES["intervene"]["do"])
-    assert str(paths.layer_metrics(7)).replace("7", "${item}") in layer_outs
-    assert str(paths.layer_detail(7)).replace("7", "${item}") in layer_outs
-    assert str(paths.run_record("intervene_7")).replace("7", "${item}") in layer_outs
-    assert {str(paths.PER_FEATURE), str(paths.PER_LAYER), str(paths.SUMMARY)} <= _outs(STAGES["aggregate"])
-    assert str(paths.PLOTS) in _outs(STAGES["plot"])
-    assert {str(paths.REPORT_HTML), str(paths.REPORT_GENERATED)} <= _outs(STAGES["report"])
-    assert DVC["metrics"] == [str(paths.SUMMARY)]
-    summary = next(o for o in STAGES["aggregate"]["outs"] if isinstance(o, dict) and str(paths.SUMMARY) in o)
-    assert summary[str(paths.SUMMARY)]["cache"] is False  # git carries it: `dvc metrics diff` on a fresh clone
+    assert str(artifacts.layer_metrics(7)).replace("7", "${item}") in layer_outs
+    assert str(artifacts.layer_detail(7)).replace("7", "${item}") in layer_outs
+    assert str(artifacts.run_record("intervene_7")).replace("7", "${item}") in layer_outs
+    assert {str(artifacts.PER_FEATURE), str(artifacts.PER_LAYER), str(artifacts.SUMMARY)} <= _outs(STAGES["aggregate"])
+    assert str(artifacts.PLOTS) in _outs(STAGES["plot"])
+    assert {str(artifacts.REPORT_HTML), str(artifacts.REPORT_GENERATED)} <= _outs(STAGES["report"])
+    assert DVC["metrics"] == [str(artifacts.SUMMARY)]
+    summary = next(o for o in STAGES["aggregate"]["outs"] if isinstance(o, dict) and str(artifacts.SUMMARY) in o)
+    assert summary[str(artifacts.SUMMARY)]["cache"] is False  # git carries it: `dvc metrics diff` on a fresh clone
 
 
 def test_stage_params_are_known_keys_and_plot_reads_no_forward_pass_key():

@@ -1,4 +1,7 @@
-"""The engine against the plain way: SAE-Lens's own splice and float64 references, random inputs."""
+"""The engine against the plain way: SAE-Lens's own splice and float64 references, random inputs.
+
+The references are the bench's (pipeline/bench/references.py), so the engine is held to one yardstick.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +11,13 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline.bench.references import (
+    definition_hook,
+    definition_metrics,
+    feature_encoder,
+    float64_reference,
+    sae_lens_splice,
+)
 from pipeline.engine import forward as fwd
 from pipeline.engine.interventions import ADD, CLAMP, SCALE
 from pipeline.engine.metrics import variant_metrics
@@ -24,33 +34,19 @@ def _seed():
     torch.manual_seed(0)
 
 
-def splice_logits(model_cls_kwargs, sae, tokens, feature, alpha):
-    """SAE-Lens's own way: HookedSAETransformer, use_error_term=True, scale hook_sae_acts_post."""
-    from sae_lens import HookedSAETransformer
-
-    model = build_model(HookedSAETransformer, **model_cls_kwargs)
-
-    def scale(acts, hook):  # noqa: ARG001
-        acts = acts.clone()
-        acts[:, 1:, feature] *= alpha  # BOS left alone
-        return acts
-
-    hook_name = f"{sae.cfg.metadata.hook_name}.hook_sae_acts_post"
-    with model.saes([sae], use_error_term=True):
-        logits = model.run_with_hooks(tokens, fwd_hooks=[(hook_name, scale)])
-    return logits
-
-
 @pytest.mark.parametrize("alpha", [0.0, 0.5, 2.0, 4.0])
 @pytest.mark.parametrize("sae_hook", [HOOK, f"blocks.{LAYER + 1}.hook_resid_pre"])
 def test_engine_logits_equal_sae_lens_splice(alpha, sae_hook):
+    from sae_lens import HookedSAETransformer
+
     model = build_model()
+    sae_model = build_model(HookedSAETransformer)  # the same weights
     sae = build_sae(hook_name=sae_hook)
     tokens = build_tokens()
     encoder = fwd.FeatureEncoder(sae, [3, 7, 11])
     for pos, feature in enumerate(encoder.index.tolist()):
         ours = fwd.intervened_logits(model, encoder, RESUME, tokens, pos, alpha, SCALE)
-        theirs = splice_logits({}, sae, tokens, feature, alpha)
+        theirs = sae_lens_splice(sae_model, sae, tokens, feature, alpha)
         assert (ours - theirs).abs().max().item() < 1e-4
 
 
@@ -82,12 +78,8 @@ def test_alpha_zero_equals_ablating_the_feature():
     feature = 9
     encoder = fwd.FeatureEncoder(sae, [feature])
 
-    def ablate(resid, hook):  # noqa: ARG001 - written from the definition, not the engine
-        a = sae.encode(resid)[..., feature]
-        out = resid - a[..., None] * sae.W_dec[feature]
-        out[:, 0] = resid[:, 0]
-        return out
-
+    # written from the definition, not the engine: scale by 0
+    ablate = definition_hook(lambda resid: sae.encode(resid)[..., feature], sae.W_dec[feature], "scale", 0.0)
     ablated = model.run_with_hooks(tokens, fwd_hooks=[(HOOK, ablate)])
     ours = fwd.intervened_logits(model, encoder, RESUME, tokens, 0, 0.0, SCALE)
     assert (ours - ablated).abs().max().item() < 1e-5
@@ -112,6 +104,18 @@ def test_feature_encoder_equals_full_encode(architecture):
     assert torch.allclose(enc(x), sae.encode(x)[..., features], atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("architecture", ["standard", "jumprelu", "topk"])
+def test_the_references_feature_encoder_is_sae_lens_own_encode(architecture, dtype):
+    sae = build_sae(architecture=architecture)
+    x = torch.randn(4, 10, 16)
+    features = [0, 5, 63, 17]
+    encode, directions = feature_encoder(sae, features, dtype)
+    expected = sae.encode(x)[..., features].to(dtype)
+    assert torch.allclose(encode(x.to(dtype)), expected, atol=1e-6, rtol=1e-6)
+    assert torch.equal(directions, sae.W_dec[features].to(dtype))
+
+
 @pytest.mark.parametrize("intervention,value", [(CLAMP, 3.0), (CLAMP, 0.0), (ADD, 1.5)])
 def test_other_interventions_match_their_definition(intervention, value):
     model = build_model()
@@ -120,67 +124,16 @@ def test_other_interventions_match_their_definition(intervention, value):
     feature = 4
     encoder = fwd.FeatureEncoder(sae, [feature])
 
-    def hook(resid, hook):  # noqa: ARG001
-        a = sae.encode(resid)[..., feature]
-        new_a = torch.full_like(a, value) if intervention is CLAMP else a
-        shift = (new_a - a) if intervention is CLAMP else torch.full_like(a, value)
-        out = resid + shift[..., None] * sae.W_dec[feature]
-        out[:, 0] = resid[:, 0]
-        return out
-
+    hook = definition_hook(lambda resid: sae.encode(resid)[..., feature], sae.W_dec[feature], intervention.name,
+                           value)
     expected = model.run_with_hooks(tokens, fwd_hooks=[(HOOK, hook)])
     ours = fwd.intervened_logits(model, encoder, RESUME, tokens, 0, value, intervention)
     assert (ours - expected).abs().max().item() < 1e-5
 
 
 # ---------------------------------------------------------------------------------------------
-# Metrics: the engine's numbers against a float64 reference written from design.md
-
-
-@torch.no_grad()
-def reference(model, sae, tokens, feature, value, live_percentile):
-    """Plain full forward passes, float64 metrics, straight from the definitions."""
-    _, cache = model.run_with_cache(tokens, names_filter=[HOOK])
-    acts = sae.encode(cache[HOOK])[..., feature].double()
-
-    def hook(resid, hook):  # noqa: ARG001
-        a = sae.encode(resid)[..., feature]
-        out = resid + ((value - 1) * a)[..., None] * sae.W_dec[feature]
-        out[:, 0] = resid[:, 0]
-        return out
-
-    clean = model(tokens).double()
-    intv = model.run_with_hooks(tokens, fwd_hooks=[(HOOK, hook)]).double()
-    t = tokens.shape[1]
-    lp_c = torch.log_softmax(clean[:, 1 : t - 1], -1)
-    lp_i = torch.log_softmax(intv[:, 1 : t - 1], -1)
-    nxt = tokens[:, 2:t, None]
-    ce_c = -lp_c.gather(-1, nxt)[..., 0]
-    ce_i = -lp_i.gather(-1, nxt)[..., 0]
-    kl = (lp_c.exp() * (lp_c - lp_i)).sum(-1)
-    a = acts[:, 1 : t - 1].numpy()
-    thr = max(0.0, float(np.percentile(a, live_percentile)))
-    live = a > thr
-    d = (ce_i - ce_c).numpy()
-    n = d.shape[0]
-    logit_delta = intv[:, 1 : t - 1] - clean[:, 1 : t - 1]
-    logit_delta = logit_delta - logit_delta.mean(-1, keepdim=True)
-    live_t = torch.from_numpy(live)
-    return {
-        "ce_clean": ce_c.mean().item(),
-        "ce_int": ce_i.mean().item(),
-        "delta_ce": d.mean(),
-        "delta_ce_se": d.mean(1).std(ddof=1) / math.sqrt(n),
-        "kl": kl.mean().item(),
-        "kl_se": kl.mean(1).numpy().std(ddof=1) / math.sqrt(n),
-        "live_threshold": thr,
-        "n_live": int(live.sum()),
-        "frac_live": live.mean(),
-        "mean_act_live": a[live].mean() if live.any() else math.nan,
-        "delta_ce_live": d[live].mean() if live.any() else math.nan,
-        "kl_live": kl.numpy()[live].mean() if live.any() else math.nan,
-        "mean_logit_delta": (logit_delta[live_t].mean(0).numpy() if live.any() else None),
-    }
+# Metrics: the engine's numbers against a float64 reference written from design.md (the model's float32
+# forward as is, every metric in float64)
 
 
 def assert_close(ours: float, ref: float, rtol: float = 1e-4, atol: float = 1e-6):
@@ -199,18 +152,21 @@ def test_every_metric_equals_the_float64_reference(shortcuts, enc_bias, percenti
     features, values = [1, 8, 30], [0.0, 1.0, 2.5]
     res = run_layer(model, sae, RESUME, tokens, features, values, batch_size=3,
                     live_percentile=percentile, shortcuts=shortcuts)
-    for fi, feature in enumerate(features):
-        for ai, value in enumerate(values):
+    defn = float64_reference(model, sae, tokens, HOOK, features, values, batch_size=len(tokens),
+                             dtype=torch.float32, live_percentile=percentile)
+    for fi in range(len(features)):
+        for ai in range(len(values)):
             ours = variant_metrics(res.ce_clean, res.ce_int[fi, ai], res.kl[fi, ai],
                                    res.acts_scored(fi), res.live[fi])
-            ref = reference(model, sae, tokens, feature, value, percentile)
+            ref = definition_metrics(defn["ce_clean"], defn["ce_int"][fi, ai], defn["kl"][fi, ai],
+                                     defn["acts"][:, 1:-1, fi], percentile)
             for key in ours:
                 if key in ("n_passages", "n_scored"):
                     continue
                 # kl of an unchanged model is 0 exactly in ours and ~1e-17 in float64
                 assert_close(ours[key], ref[key], atol=1e-6), key
-            if ref["mean_logit_delta"] is not None:
-                assert np.allclose(res.mean_delta(fi, ai), ref["mean_logit_delta"], atol=1e-5)
+            if ref["n_live"] > 0:
+                assert np.allclose(res.mean_delta(fi, ai), defn["mean_logit_delta"][fi, ai], atol=1e-5)
             else:
                 assert res.live[fi].mask.sum() == 0
 

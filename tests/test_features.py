@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from pipeline.errors import UserError
-from pipeline.resolve import LayerPlan
+from pipeline.hooks import LayerPlan
 from pipeline.sources.auto import activation_stats, choose_layer, firing_profiles, shortlist
 from pipeline.sources.csv_file import read_curated_csv
 from pipeline.tokenizer import ByteTokenizer

@@ -11,7 +11,8 @@ import torch
 from pipeline import loading
 from pipeline.config import parse_params
 from pipeline.errors import UserError
-from pipeline.resolve import LayerPlan, plan_layers
+from pipeline.hooks import LayerPlan
+from pipeline.layer_plan import plan_layers
 from pipeline.toy.build import new_toy_model, new_toy_sae, save_toy
 from tests.builders import build_model, build_sae, build_tokens
 

@@ -17,8 +17,8 @@ import torch
 from pipeline.config import parse_params
 from pipeline.engine import forward as fwd
 from pipeline.engine.interventions import SCALE
+from pipeline.layer_plan import plan_layers
 from pipeline.loading import load_model, load_sae, sae_model_kwargs
-from pipeline.resolve import plan_layers
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.network

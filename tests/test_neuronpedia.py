@@ -19,24 +19,23 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from pipeline.artifacts import DOCUMENTED_FEATURES, ModelRecord
 from pipeline.config import parse_params
 from pipeline.errors import UserError
-from pipeline.neuronpedia import (
-    DEFAULT_API_URL,
-    NeuronpediaClient,
-    _retry_after_s,
-    parse_feature,
-    split_neuronpedia_id,
-)
-from pipeline.resolve import plan_layers
-from pipeline.resolved import Resolved
+from pipeline.layer_plan import plan_layers
 from pipeline.sources.neuronpedia import (
-    DOCUMENTED_FEATURES,
     MIN_EXPLANATION_SCORE,
     candidates,
     choose_from_neuronpedia,
     documented_indices,
     rejection,
+)
+from pipeline.sources.neuronpedia_client import (
+    DEFAULT_API_URL,
+    NeuronpediaClient,
+    _retry_after_s,
+    parse_feature,
+    split_neuronpedia_id,
 )
 from tests.neuronpedia_standin import PAYLOADS, FakeNeuronpedia, Reply
 
@@ -99,13 +98,15 @@ def closed_port_url() -> str:
 
 # ---- a study setup without weights: a fake data/model.json and a small documented list ----------
 
-def fake_resolved(neuronpedia: dict[int, str | None] | None = None) -> Resolved:
+def fake_record(neuronpedia: dict[int, str | None] | None = None) -> ModelRecord:
     neuronpedia = neuronpedia or {3: "gpt2-small/4-res-jb", 11: "gpt2-small/12-res-jb"}
     layers = [{"layer": layer, "hook": f"blocks.{layer}.hook_resid_post", "resume_at": layer + 1,
                "sae_release": "gpt2-small-res-jb", "sae_id": f"blocks.{layer + 1}.hook_resid_pre",
                "neuronpedia": np_id, "d_sae": D_SAE_11 if layer == 11 else 24576}
               for layer, np_id in neuronpedia.items()]
-    return Resolved({"model": {"name": "gpt2-small", "source": "hub"}, "layers": layers})
+    model = {"name": "gpt2-small", "source": "hub", "n_layers": 12, "d_model": 768, "n_ctx": 1024, "d_vocab": 50257}
+    return ModelRecord.from_dict({"preset": "gpt2-small", "sae_release": "gpt2-small-res-jb", "hook": "resid_post",
+                                  "model": model, "tokenizer": {"type": "hf", "name": "gpt2"}, "layers": layers})
 
 
 def study(**overrides):
@@ -124,8 +125,8 @@ def documented(tmp_path) -> Path:
     return path
 
 
-def choose(config, documented: Path, client: NeuronpediaClient, resolved: Resolved | None = None):
-    return choose_from_neuronpedia(config, resolved or fake_resolved(), client=client, documented_csv=documented)
+def choose(config, documented: Path, client: NeuronpediaClient, model_record: ModelRecord | None = None):
+    return choose_from_neuronpedia(config, model_record or fake_record(), client=client, documented_csv=documented)
 
 
 # ---- the client -----------------------------------------------------------------------------------
@@ -351,7 +352,7 @@ def test_a_404_feature_is_skipped_logged_and_another_chosen(client, server, docu
     first_good = next(i for i in order if i in GOOD_4)
     server.script(api_path("4-res-jb", first_good), Reply(404, b'{"error":"Not Found"}'))
     with caplog.at_level(logging.INFO, logger="pipeline.sources.neuronpedia"):
-        rows = choose(config, documented, client, fake_resolved({3: "gpt2-small/4-res-jb"}))
+        rows = choose(config, documented, client, fake_record({3: "gpt2-small/4-res-jb"}))
     chosen = [r.feature for r in rows]
     assert first_good not in chosen and len(chosen) == 2 and set(chosen) <= GOOD_4
     assert f"skipping gpt2-small/4-res-jb/{first_good}: not on Neuronpedia (HTTP 404)" in caplog.text
@@ -418,10 +419,10 @@ def test_layers_without_enough_documented_features_continue_with_random_indices(
 
 
 def test_an_sae_without_a_neuronpedia_source_is_a_clear_error(client, server, documented):
-    resolved = fake_resolved({3: "gpt2-small/4-res-jb", 5: None})
+    model_record = fake_record({3: "gpt2-small/4-res-jb", 5: None})
     with pytest.raises(UserError, match=r"layer 5: feature_source neuronpedia needs SAEs with a Neuronpedia source"
                                         r".* set feature_source to auto .* or csv"):
-        choose(study(layers=[3, 5]), documented, client, resolved)
+        choose(study(layers=[3, 5]), documented, client, model_record)
     assert server.requests == []  # checked before any request
 
 

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.stages.aggregate import PER_FEATURE_COLUMNS
+from pipeline.artifacts import PER_FEATURE_COLUMNS
 from tests.conftest import make_project_copy, run_dvc
 
 pytestmark = pytest.mark.slow

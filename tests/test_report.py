@@ -19,7 +19,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from pipeline import paths
+from pipeline import artifacts
 from pipeline.config import parse_params
 from pipeline.errors import UserError
 from pipeline.report.render import front_matter, html_options, pandoc_command, quarto_command, resolve_includes
@@ -112,13 +112,13 @@ def study(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("report")
     (root / "report").mkdir()
-    shutil.copy2(ROOT / paths.REPORT_QMD, root / paths.REPORT_QMD)
+    shutil.copy2(ROOT / artifacts.REPORT_QMD, root / artifacts.REPORT_QMD)
     config = parse_params(PARAMS)
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(root)
         _run_toy_study(config)
         result = run_report_stage(config, renderer="pandoc")
-    html = (root / paths.REPORT_HTML).read_text(encoding="utf-8")
+    html = (root / artifacts.REPORT_HTML).read_text(encoding="utf-8")
     page = Page()
     page.feed(html)
     return root, config, result, html, page
@@ -127,15 +127,15 @@ def study(tmp_path_factory):
 def test_the_stage_says_it_used_pandoc_and_writes_one_html_file(study):
     root, _, result, html, _ = study
     assert result["renderer"].startswith("pandoc ")
-    assert result["output"] == str(paths.REPORT_HTML)
+    assert result["output"] == str(artifacts.REPORT_HTML)
     assert html.lstrip().lower().startswith("<!doctype html>")
     assert not list((root / "report").glob(".*.tmp")), "a temporary file was left behind"
 
 
 def test_the_report_stage_writes_no_run_record(study):
     root = study[0]
-    assert not (root / paths.run_record("report")).exists()
-    assert (root / paths.run_record("plot")).exists()
+    assert not (root / artifacts.run_record("report")).exists()
+    assert (root / artifacts.run_record("plot")).exists()
 
 
 def test_every_image_is_a_data_uri(study):
@@ -161,7 +161,7 @@ def test_nothing_is_loaded_from_the_network(study):
 
 def test_the_per_feature_table_has_one_row_per_selected_feature(study):
     root, _, _, _, page = study
-    features = pd.read_csv(root / paths.FEATURES)
+    features = pd.read_csv(root / artifacts.FEATURES)
     assert len(features) == len(LAYERS) * PARAMS["features_per_layer"]
     # The first row of each layer carries the layer cell (rowspan); the feature index follows.
     indices = [row[1] if len(row) == 10 else row[0] for row in page.feature_rows]
@@ -171,7 +171,7 @@ def test_the_per_feature_table_has_one_row_per_selected_feature(study):
 
 def test_the_headline_figure_is_embedded(study):
     root, config, _, _, page = study
-    from pipeline.stages.plot import headline_png
+    from pipeline.artifacts import headline_png
 
     png = base64.b64encode((root / headline_png(config.alpha)).read_bytes()).decode()
     sources = [attrs["src"] for tag, attrs in page.elements if tag == "img"]
@@ -194,7 +194,7 @@ def test_the_sanity_section_states_the_identity_check_with_its_numbers(study):
 def test_the_reading_paragraph_is_written_from_the_data(study):
     root, _, _, _, page = study
     text = page.text_of("sec-reading")
-    per_feature = pd.read_csv(root / paths.PER_FEATURE)
+    per_feature = pd.read_csv(root / artifacts.PER_FEATURE)
     head = per_feature[per_feature["alpha"] == 2.0]
     top_layer = int(head.groupby("layer")["delta_ce"].mean().abs().idxmax())
     assert f"layer {top_layer}’s features moved the loss most" in text  # pandoc's smart quotes
@@ -221,13 +221,13 @@ def test_includes_are_resolved_for_pandoc(tmp_path):
 
 def test_the_quarto_command_renders_the_qmd_to_self_contained_html():
     assert quarto_command(Path("/w/report.qmd")) == ["quarto", "render", "/w/report.qmd", "--to", "html"]
-    options = html_options(front_matter((ROOT / paths.REPORT_QMD).read_text(encoding="utf-8")))
+    options = html_options(front_matter((ROOT / artifacts.REPORT_QMD).read_text(encoding="utf-8")))
     assert options["embed-resources"] is True
     assert options["html-math-method"] == "mathml"
 
 
 def test_pandoc_takes_its_options_from_the_same_front_matter():
-    options = html_options(front_matter((ROOT / paths.REPORT_QMD).read_text(encoding="utf-8")))
+    options = html_options(front_matter((ROOT / artifacts.REPORT_QMD).read_text(encoding="utf-8")))
     cmd = pandoc_command("pandoc", Path("report"), options)
     for flag in ("--standalone", "--embed-resources", "--mathml", "--toc", "--number-sections",
                  f"--css={options['css']}"):
@@ -261,22 +261,22 @@ def test_with_quarto_on_path_the_stage_runs_it_and_keeps_its_output(study, tmp_p
     fake.chmod(fake.stat().st_mode | stat.S_IXUSR)
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}")
     monkeypatch.chdir(root)
-    before = (root / paths.REPORT_HTML).read_bytes()
+    before = (root / artifacts.REPORT_HTML).read_bytes()
     try:
         result = run_report_stage(config)
         argv = log.read_text().splitlines()
         assert result["renderer"] == "quarto 9.9.9"
         assert argv[0] == "render" and argv[1].endswith("report.qmd") and argv[2:] == ["--to", "html"]
-        assert "rendered by the stand-in" in (root / paths.REPORT_HTML).read_text()
+        assert "rendered by the stand-in" in (root / artifacts.REPORT_HTML).read_text()
     finally:
-        (root / paths.REPORT_HTML).write_bytes(before)
+        (root / artifacts.REPORT_HTML).write_bytes(before)
 
 
 def test_a_missing_input_names_the_file_and_the_stage_to_run(tmp_path, monkeypatch):
     from pipeline.stages.report import run_report_stage
 
     (tmp_path / "report").mkdir()
-    shutil.copy2(ROOT / paths.REPORT_QMD, tmp_path / paths.REPORT_QMD)
+    shutil.copy2(ROOT / artifacts.REPORT_QMD, tmp_path / artifacts.REPORT_QMD)
     monkeypatch.chdir(tmp_path)
     with pytest.raises(UserError) as err:
         run_report_stage(parse_params(PARAMS), renderer="pandoc")

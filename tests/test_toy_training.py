@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
+from pipeline.hooks import LayerPlan
 from pipeline.loading import load_local_model, load_sae
-from pipeline.resolve import LayerPlan
 from pipeline.toy import train
 from pipeline.toy.build import build_trained_toy
 from pipeline.toy.layout import TOY_MODEL_KWARGS, toy_sae_folder

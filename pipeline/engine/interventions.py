@@ -24,7 +24,7 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
-from pipeline.config import INTERVENTION_IDENTITY
+from pipeline.engine.identity import INTERVENTION_IDENTITY
 
 
 @dataclass(frozen=True)
@@ -71,18 +71,3 @@ ADD = Intervention(
 )
 
 INTERVENTIONS: dict[str, Intervention] = {i.name: i for i in (SCALE, CLAMP, ADD)}
-
-
-def make_hook(intervention: Intervention, encode_feature: Callable[[Tensor], Tensor],
-              direction: Tensor, value: float):
-    """A TransformerLens hook applying the intervention during one forward pass.
-
-    Use with `model.hooks(fwd_hooks=[(hook_name, make_hook(...))])` or `run_with_hooks`; the engine
-    itself applies the same delta between the cached prefix and the resumed suffix instead.
-    """
-
-    def hook(resid: Tensor, hook=None) -> Tensor:  # noqa: ARG001 - TransformerLens signature
-        acts = encode_feature(resid)
-        return resid + intervention.delta(acts, direction, value).to(resid.dtype)
-
-    return hook

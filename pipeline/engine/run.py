@@ -18,6 +18,10 @@ computes the same numbers with less work, each shortcut exact (tests/test_engine
 
 Rows and positions skipped by (4) keep ce_int = ce_clean and kl = 0 exactly; a forward pass would
 give those values up to float rounding. `shortcuts=False` turns (4) off for tests and benchmarks.
+
+`run_layer` runs the steps of a `_LayerRun`, which holds the buffers (cached prefix residuals, live
+masks, results): `prefix` (1), then per passage block `clean_block` (2), `variant_rows` (4), `run_rows`
+(3) with `score_positions` (6), and `commit`.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from jaxtyping import Int
+from jaxtyping import Bool, Float, Float32, Float64, Int
 from torch import Tensor
 
 from pipeline.engine.forward import FeatureEncoder, final_residual, is_oom, residual_at, unembed
@@ -56,18 +60,18 @@ class LayerResult:
 
     features: list[int]
     values: list[float]
-    acts: np.ndarray  # [N, T, F] float32: clean activations at the hook, every position
-    ce_clean: np.ndarray  # [N, S] float64
-    ce_int: np.ndarray  # [F, A, N, S] float64
-    kl: np.ndarray  # [F, A, N, S] float64
-    live: list[LiveSet]  # per feature, masks [N, S]
-    delta_sum: np.ndarray  # [F, A, V] float64: sum over live positions of centred logit deltas
+    acts: Float32[np.ndarray, "n_passages pos n_feat"]  # clean activations at the hook, every position
+    ce_clean: Float64[np.ndarray, "n_passages scored"]
+    ce_int: Float64[np.ndarray, "n_feat n_values n_passages scored"]
+    kl: Float64[np.ndarray, "n_feat n_values n_passages scored"]
+    live: list[LiveSet]  # per feature, masks [n_passages, scored]
+    delta_sum: Float64[np.ndarray, "n_feat n_values d_vocab"]  # sum over live positions of centred logit deltas
     stats: EngineStats = field(default_factory=lambda: EngineStats(0))
 
-    def acts_scored(self, f: int) -> np.ndarray:
+    def acts_scored(self, f: int) -> Float32[np.ndarray, "n_passages scored"]:
         return self.acts[:, 1:-1, f]
 
-    def mean_delta(self, f: int, a: int) -> np.ndarray:
+    def mean_delta(self, f: int, a: int) -> Float64[np.ndarray, " d_vocab"]:
         n_live = int(self.live[f].mask.sum())
         return self.delta_sum[f, a] / n_live if n_live else np.full(self.delta_sum.shape[-1], np.nan)
 
@@ -95,6 +99,182 @@ def _retry_on_oom(fn: Callable[[int], None], stats: EngineStats, what: str) -> N
             log.warning("out of memory during %s; batch_size halved to %d", what, stats.batch_size)
 
 
+Row = tuple[int, int, int, int]  # (feature, value index, passage in block, first position t0 to score)
+
+
+@dataclass
+class _Block:
+    """Passages b0..b1-1: their clean distributions, and the variant results being built on the device."""
+
+    b0: int
+    b1: int
+    targets: Int[Tensor, "bp scored"]  # next token of scored positions t = 1..T-2
+    lp_clean: Float[Tensor, "bp scored d_vocab"]
+    p_clean: Float[Tensor, "bp scored d_vocab"]
+    ce_clean: Float[Tensor, "bp scored"]
+    ce_int: Float[Tensor, "n_feat n_values bp scored"]  # starts as ce_clean: skipped rows keep it
+    kl: Float[Tensor, "n_feat n_values bp scored"]  # starts at 0: skipped rows keep it
+    delta: Float[Tensor, "n_variants d_vocab"]  # row f * n_values + a
+
+
+class _LayerRun:
+    """One run_layer call: its inputs, the buffers it fills, and the steps that fill them."""
+
+    def __init__(self, model, sae, resume_at: int, tokens: Int[Tensor, "n_passages pos"], features: list[int],
+                 values: list[float], intervention: Intervention, batch_size: int, live_percentile: float,
+                 shortcuts: bool, chunk_elems: int, progress: Callable[[int], None] | None):
+        self.model, self.resume_at, self.intervention = model, resume_at, intervention
+        self.features, self.values = features, values
+        self.live_percentile, self.shortcuts, self.progress = live_percentile, shortcuts, progress
+        self.device = _device_of(model)
+        self.tokens = tokens.long().cpu()
+        self.n, t_len = self.tokens.shape
+        if t_len < 3:
+            raise UserError(f"passages of {t_len} tokens have no scored positions; max_len must be >= 3")
+        self.s_len = t_len - 2
+        self.n_feat, self.n_val, self.d_vocab = len(features), len(values), model.cfg.d_vocab
+        self.stats = EngineStats(batch_size=batch_size, rows_total=self.n_feat * self.n_val * self.n)
+        self.encoder = FeatureEncoder(sae, features)
+        self.directions: Float[Tensor, "n_feat d_in"] = self.encoder.directions
+        self.chunk_tokens = max(1, chunk_elems // self.d_vocab)
+        self.resid_all: Float[Tensor, "n_passages pos d_model"] = torch.empty(
+            (self.n, t_len, model.cfg.d_model), dtype=model.cfg.dtype, device=self.device)
+        self.acts_all: Float[Tensor, "n_passages pos n_feat"] = torch.empty(
+            (self.n, t_len, self.n_feat), dtype=torch.float32, device=self.device)
+        self.prefix_done = self.blocks_done = 0  # passages cached / committed: an OOM retry resumes there
+
+    def prefix(self, bs: int) -> None:
+        """Step 1: the residual at the hook, cached for every variant to resume from, and the activations."""
+        while self.prefix_done < self.n:
+            stop = min(self.prefix_done + bs, self.n)
+            resid = residual_at(self.model, self.tokens[self.prefix_done:stop].to(self.device), self.resume_at)
+            self.resid_all[self.prefix_done:stop] = resid
+            self.acts_all[self.prefix_done:stop] = self.encoder(resid).float()
+            self.stats.prefix_calls += 1
+            self.prefix_done = stop
+
+    def start_scoring(self) -> None:
+        """After the prefix: each feature's live positions, and the result arrays the blocks fill in."""
+        self.acts_np = self.acts_all.cpu().numpy()
+        self.live = [live_positions(self.acts_np[:, 1:-1, f], self.live_percentile) for f in range(self.n_feat)]
+        live_np: Bool[np.ndarray, "n_feat n_passages scored"] = np.stack([lv.mask for lv in self.live])
+        shape = (self.n_feat, self.n_val, self.n, self.s_len)
+        self.ce_clean, self.ce_int, self.kl = np.empty((self.n, self.s_len)), np.empty(shape), np.zeros(shape)
+        self.acc_dtype = torch.float32 if self.device.type == "mps" else torch.float64
+        self.delta_sum = torch.zeros((self.n_feat * self.n_val, self.d_vocab), dtype=self.acc_dtype,
+                                     device=self.device)
+        self.values_dev = torch.tensor(self.values, dtype=self.directions.dtype, device=self.device)
+        # 1.0 = live: delta sums are a mask times the rows, so no index list goes to the device
+        self.live_dev = torch.from_numpy(live_np).to(device=self.device, dtype=torch.float32)
+
+    def log_probs(self, final_rows: Float[Tensor, "rows d_model"]) -> Float[Tensor, "rows d_vocab"]:
+        """log softmax of the logits, float32, computed in place on the unembedding's output."""
+        lp = unembed(self.model, final_rows)
+        return lp.sub_(torch.logsumexp(lp, -1, keepdim=True))
+
+    def clean_block(self, b0: int, b1: int) -> _Block:
+        """Step 2: the clean suffix of passages b0..b1-1, once; its log-probs serve every variant. They go
+        through the computation (and chunking) of a row scored from t = 1, so an unchanged row is them bit for bit."""
+        bp, s_len, d_vocab = b1 - b0, self.s_len, self.d_vocab
+        targets = self.tokens[b0:b1].to(self.device)[:, 2:].reshape(-1)
+        final_c = final_residual(self.model, self.resid_all[b0:b1], self.resume_at)
+        self.stats.suffix_calls += 1
+        lp_clean = torch.empty((bp, s_len, d_vocab), dtype=torch.float32, device=self.device)
+        for j in range(bp):
+            for s0 in range(0, s_len, self.chunk_tokens):
+                s1 = min(s0 + self.chunk_tokens, s_len)
+                lp_clean[j, s0:s1] = self.log_probs(final_c[j, s0 + 1:s1 + 1])
+        ce_c = -lp_clean.view(bp * s_len, d_vocab).gather(1, targets[:, None]).squeeze(1).view(bp, s_len)
+        return _Block(
+            b0=b0, b1=b1, targets=targets.view(bp, s_len), lp_clean=lp_clean, p_clean=lp_clean.exp(), ce_clean=ce_c,
+            ce_int=ce_c[None, None].expand(self.n_feat, self.n_val, bp, s_len).clone(),
+            kl=torch.zeros((self.n_feat, self.n_val, bp, s_len), dtype=torch.float32, device=self.device),
+            delta=torch.zeros_like(self.delta_sum))
+
+    def variant_rows(self, blk: _Block) -> list[Row]:
+        """Step 4: the (feature, value, passage) rows of the block that change something.
+
+        With shortcuts, a value equal to the intervention's identity and a passage it changes nowhere get
+        no row, and a row is scored from its first changed position t0 on (causal attention leaves the
+        earlier ones clean); without, every row gets one, scored from t0 = 1."""
+        acts_blk = self.acts_all[blk.b0:blk.b1]  # [bp, T, F]
+        identity = self.intervention.identity
+        rows: list[Row] = []
+        for f in range(self.n_feat):
+            for a, value in enumerate(self.values):
+                if self.shortcuts and identity is not None and value == identity:
+                    continue
+                changed = self.intervention.changes(acts_blk[:, :, f], value).cpu().numpy()  # [bp, T], one copy
+                any_change = changed.any(axis=1)
+                first = changed.argmax(axis=1)  # first changed position (t >= 1: BOS never changes)
+                for j in range(blk.b1 - blk.b0):
+                    if self.shortcuts and not any_change[j]:
+                        continue
+                    rows.append((f, a, j, int(first[j]) if self.shortcuts else 1))
+        return rows
+
+    def run_rows(self, blk: _Block, rows: list[Row], bs: int) -> None:
+        """Step 3: the rows' suffix forwards, bs rows of any (feature, value, passage) per batch.
+
+        Each row resumes from its passage's cached residual plus the intervention's delta, and is
+        scored at t in [t0, T-2], in position chunks, against its own passage's clean distributions."""
+        acts_blk = self.acts_all[blk.b0:blk.b1]
+        for r0 in range(0, len(rows), bs):
+            batch = rows[r0:r0 + bs]
+            rf, ra, rj = (torch.tensor(col, device=self.device) for col in list(zip(*batch, strict=True))[:3])
+            x = self.resid_all[blk.b0 + rj]  # [R, T, d]
+            delta = self.intervention.delta(acts_blk[rj, :, rf].to(self.directions.dtype),
+                                            self.directions[rf][:, None, :], self.values_dev[ra][:, None])
+            final = final_residual(self.model, x + delta.to(x.dtype), self.resume_at)
+            self.stats.suffix_calls += 1
+            for r, (f, a, j, t0) in enumerate(batch):
+                for s0 in range(t0 - 1, self.s_len, self.chunk_tokens):
+                    s1 = min(s0 + self.chunk_tokens, self.s_len)
+                    self.score_positions(blk, final[r, s0 + 1:s1 + 1], f, a, j, s0, s1)
+
+    def score_positions(self, blk: _Block, final_rows: Float[Tensor, "chunk d_model"], f: int, a: int, j: int,
+                        s0: int, s1: int) -> None:
+        """Step 6: CE, KL and live logit deltas of one variant row at scored positions s0..s1-1.
+
+        The clean block is sliced, a view: no [positions x vocab] gather is ever copied."""
+        lp = self.log_probs(final_rows)  # log p_int, [s1 - s0, V]
+        blk.ce_int[f, a, j, s0:s1] = -lp.gather(1, blk.targets[j, s0:s1, None]).squeeze(1)
+        diff = lp.sub_(blk.lp_clean[j, s0:s1])  # log p_int - log p_clean, in place
+        # sum_v p_clean (log p_clean - log p_int), as a batched dot product: no temporary
+        blk.kl[f, a, j, s0:s1] = -torch.bmm(blk.p_clean[j, s0:s1, None, :], diff[:, :, None]).view(-1)
+        # Sum of the centred deltas over live positions, as a 0/1 mask times the rows: no index list
+        # to copy to the device, so no host-device synchronisation per row.
+        diff.sub_(diff.mean(-1, keepdim=True))
+        blk.delta[f * self.n_val + a] += (self.live_dev[f, blk.b0 + j, s0:s1] @ diff).to(self.acc_dtype)
+        self.stats.positions_unembedded += s1 - s0
+
+    def commit(self, blk: _Block, n_rows: int) -> None:
+        """Copy a finished block into the results; only now, so an OOM retry redoes the block whole."""
+        self.ce_clean[blk.b0:blk.b1] = blk.ce_clean.double().cpu().numpy()
+        self.ce_int[:, :, blk.b0:blk.b1] = blk.ce_int.double().cpu().numpy()
+        self.kl[:, :, blk.b0:blk.b1] = blk.kl.double().cpu().numpy()
+        self.delta_sum.add_(blk.delta)
+        self.stats.rows_run += n_rows
+        if self.progress is not None:
+            self.progress(self.n_feat * self.n_val * (blk.b1 - blk.b0))
+
+    def blocks(self, bs: int) -> None:
+        """Every passage block not yet committed, bs passages (and bs variant rows per forward) at a time."""
+        while self.blocks_done < self.n:
+            blk = self.clean_block(self.blocks_done, min(self.blocks_done + bs, self.n))
+            rows = self.variant_rows(blk)
+            self.run_rows(blk, rows, bs)
+            self.commit(blk, len(rows))
+            self.blocks_done = blk.b1
+
+    def result(self) -> LayerResult:
+        """The committed results, delta sums as float64 [F, A, V] on the host."""
+        delta_sum = self.delta_sum.double().cpu().numpy().reshape(self.n_feat, self.n_val, self.d_vocab)
+        return LayerResult(features=list(self.features), values=list(self.values), acts=self.acts_np,
+                           ce_clean=self.ce_clean, ce_int=self.ce_int, kl=self.kl, live=self.live,
+                           delta_sum=delta_sum, stats=self.stats)
+
+
 @torch.inference_mode()
 def run_layer(
     model,
@@ -112,149 +292,9 @@ def run_layer(
     progress: Callable[[int], None] | None = None,
 ) -> LayerResult:
     """Run every (feature, value) variant at the hook before block `resume_at`."""
-    device = _device_of(model)
-    tokens = tokens.long().cpu()
-    n, t_len = tokens.shape
-    if t_len < 3:
-        raise UserError(f"passages of {t_len} tokens have no scored positions; max_len must be >= 3")
-    s_len = t_len - 2
-    n_feat, n_val = len(features), len(values)
-    d_vocab = model.cfg.d_vocab
-    stats = EngineStats(batch_size=batch_size, rows_total=n_feat * n_val * n)
-    encoder = FeatureEncoder(sae, features)
-    directions = encoder.directions  # [F, d_in]
-
-    # ---- 1. prefix: residual at the hook and feature activations, once per passage
-    resid_all = torch.empty((n, t_len, model.cfg.d_model), dtype=model.cfg.dtype, device=device)
-    acts_all = torch.empty((n, t_len, n_feat), dtype=torch.float32, device=device)
-    done = 0
-
-    def prefix(bs: int) -> None:
-        nonlocal done
-        while done < n:
-            stop = min(done + bs, n)
-            resid = residual_at(model, tokens[done:stop].to(device), resume_at)
-            resid_all[done:stop] = resid
-            acts_all[done:stop] = encoder(resid).float()
-            stats.prefix_calls += 1
-            done = stop
-
-    _retry_on_oom(prefix, stats, "the prefix pass")
-    acts_np = acts_all.cpu().numpy()
-    live = [live_positions(acts_np[:, 1:-1, f], live_percentile) for f in range(n_feat)]
-    live_np = np.stack([lv.mask for lv in live])  # [F, N, S]
-
-    ce_clean = np.empty((n, s_len))
-    ce_int = np.empty((n_feat, n_val, n, s_len))
-    kl = np.zeros((n_feat, n_val, n, s_len))
-    acc_dtype = torch.float32 if device.type == "mps" else torch.float64
-    delta_sum = torch.zeros((n_feat * n_val, d_vocab), dtype=acc_dtype, device=device)
-    values_dev = torch.tensor(values, dtype=directions.dtype, device=device)
-    chunk_tokens = max(1, chunk_elems // d_vocab)
-    live_dev = torch.from_numpy(live_np).to(device=device, dtype=torch.float32)  # [F, N, S], 1.0 = live
-
-    def log_probs(final_rows: Tensor) -> Tensor:
-        """log softmax of the logits, float32, computed in place on the unembedding's output."""
-        lp = unembed(model, final_rows)
-        return lp.sub_(torch.logsumexp(lp, -1, keepdim=True))
-
-    # ---- 2. per passage block: the clean suffix, then every variant row that changes something
-    def block(b0: int, bs: int) -> int:
-        b1 = min(b0 + bs, n)
-        bp = b1 - b0
-        tok = tokens[b0:b1].to(device)
-        targets = tok[:, 2:].reshape(-1)  # next token of scored positions t = 1..T-2
-        final_c = final_residual(model, resid_all[b0:b1], resume_at)
-        stats.suffix_calls += 1
-        # The clean log-probs go through exactly the computation (and chunking) an intervened row
-        # starting at t = 1 goes through, so an unchanged row reproduces them bit for bit.
-        lp_clean = torch.empty((bp, s_len, d_vocab), dtype=torch.float32, device=device)
-        for j in range(bp):
-            for s0 in range(0, s_len, chunk_tokens):
-                s1 = min(s0 + chunk_tokens, s_len)
-                lp_clean[j, s0:s1] = log_probs(final_c[j, s0 + 1:s1 + 1])
-        p_clean = lp_clean.exp()
-        ce_c = -lp_clean.view(bp * s_len, d_vocab).gather(1, targets[:, None]).squeeze(1).view(bp, s_len)
-
-        # Variant rows: (feature, value index, passage in block, first position to score).
-        acts_blk = acts_all[b0:b1]  # [bp, T, F]
-        rows_f, rows_a, rows_j, rows_t0 = [], [], [], []
-        for f in range(n_feat):
-            for a, value in enumerate(values):
-                if shortcuts and intervention.identity is not None and value == intervention.identity:
-                    continue
-                changed = intervention.changes(acts_blk[:, :, f], value).cpu().numpy()  # [bp, T], one copy
-                any_change = changed.any(axis=1)
-                first = changed.argmax(axis=1)  # first changed position (t >= 1: BOS never changes)
-                for j in range(bp):
-                    if shortcuts and not any_change[j]:
-                        continue
-                    rows_f.append(f)
-                    rows_a.append(a)
-                    rows_j.append(j)
-                    rows_t0.append(int(first[j]) if shortcuts else 1)
-
-        ce_i_blk = ce_c[None, None].expand(n_feat, n_val, bp, s_len).clone()
-        kl_blk = torch.zeros((n_feat, n_val, bp, s_len), dtype=torch.float32, device=device)
-        delta_blk = torch.zeros_like(delta_sum)
-        lp_clean_blk, p_clean_blk = lp_clean, p_clean
-        targets_blk = targets.view(bp, s_len)
-
-        def score_positions(final_rows: Tensor, f: int, a: int, j: int, s0: int, s1: int) -> None:
-            """CE, KL and live logit deltas of one variant row at scored positions s0..s1-1."""
-            lp = log_probs(final_rows)  # log p_int, [s1 - s0, V]
-            ce_i_blk[f, a, j, s0:s1] = -lp.gather(1, targets_blk[j, s0:s1, None]).squeeze(1)
-            diff = lp.sub_(lp_clean_blk[j, s0:s1])  # log p_int - log p_clean, in place
-            # sum_v p_clean (log p_clean - log p_int), as a batched dot product: no temporary
-            kl_blk[f, a, j, s0:s1] = -torch.bmm(p_clean_blk[j, s0:s1, None, :], diff[:, :, None]).view(-1)
-            # Sum of the centred deltas over live positions, as a 0/1 mask times the rows: no
-            # index list to copy to the device, so no host-device synchronisation per row.
-            diff.sub_(diff.mean(-1, keepdim=True))
-            delta_blk[f * n_val + a] += (live_dev[f, b0 + j, s0:s1] @ diff).to(acc_dtype)
-            stats.positions_unembedded += s1 - s0
-        for r0 in range(0, len(rows_f), bs):
-            rf = torch.tensor(rows_f[r0:r0 + bs], device=device)
-            ra = torch.tensor(rows_a[r0:r0 + bs], device=device)
-            rj = torch.tensor(rows_j[r0:r0 + bs], device=device)
-            x = resid_all[b0 + rj]  # [R, T, d]
-            acts_rows = acts_blk[rj, :, rf]  # [R, T]
-            delta = intervention.delta(acts_rows.to(directions.dtype), directions[rf][:, None, :], values_dev[ra][:, None])
-            final = final_residual(model, x + delta.to(x.dtype), resume_at)
-            stats.suffix_calls += 1
-
-            # Score each row at t in [t0, T-2] against its own passage's clean distributions.
-            # Slicing the clean block is a view, so no [positions x vocab] gather is ever copied.
-            for r in range(len(rf)):
-                f, a, j, t0 = rows_f[r0 + r], rows_a[r0 + r], rows_j[r0 + r], rows_t0[r0 + r]
-                for s0 in range(t0 - 1, s_len, chunk_tokens):
-                    s1 = min(s0 + chunk_tokens, s_len)
-                    score_positions(final[r, s0 + 1:s1 + 1], f, a, j, s0, s1)
-        # Commit the block only once all of it succeeded (an OOM retry redoes it whole).
-        ce_clean[b0:b1] = ce_c.double().cpu().numpy()
-        ce_int[:, :, b0:b1] = ce_i_blk.double().cpu().numpy()
-        kl[:, :, b0:b1] = kl_blk.double().cpu().numpy()
-        delta_sum.add_(delta_blk)
-        stats.rows_run += len(rows_f)
-        if progress is not None:
-            progress(n_feat * n_val * bp)
-        return b1
-
-    start = 0
-
-    def all_blocks(bs: int) -> None:
-        nonlocal start
-        while start < n:
-            start = block(start, bs)
-
-    _retry_on_oom(all_blocks, stats, "the intervention passes")
-    return LayerResult(
-        features=list(features),
-        values=list(values),
-        acts=acts_np,
-        ce_clean=ce_clean,
-        ce_int=ce_int,
-        kl=kl,
-        live=live,
-        delta_sum=delta_sum.double().cpu().numpy().reshape(n_feat, n_val, d_vocab),
-        stats=stats,
-    )
+    run = _LayerRun(model, sae, resume_at, tokens, features, values, intervention, batch_size, live_percentile,
+                    shortcuts, chunk_elems, progress)
+    _retry_on_oom(run.prefix, run.stats, "the prefix pass")
+    run.start_scoring()
+    _retry_on_oom(run.blocks, run.stats, "the intervention passes")
+    return run.result()

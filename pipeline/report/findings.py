@@ -13,9 +13,9 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from pipeline.artifacts import KL_TOLERANCE
 from pipeline.report.inputs import ReportInputs
 from pipeline.report.text import md, num, pct, tex_num
-from pipeline.stages.aggregate import KL_TOLERANCE
 
 # Columns that hold measurements (not labels, token lists or links).
 METRIC_COLUMNS = ("ce_clean", "ce_int", "delta_ce", "delta_ce_se", "kl", "kl_se", "delta_ce_live", "kl_live",
@@ -152,10 +152,10 @@ def reading_paragraph(inputs: ReportInputs) -> str:
     out.append(f"Layers differ in which features were chosen ({md(sources)} selection), so a trend across layers "
                f"is a correlation between depth and these particular features, not evidence that depth causes it.")
 
-    m = inputs.model["model"]
+    m = inputs.model.model
     if inputs.is_toy:
         weights = _toy_weights(inputs)
-        what = f"a {m.get('n_layers')}-layer, d_model {m.get('d_model')} stand-in" + (
+        what = f"a {m.n_layers}-layer, d_model {m.d_model} stand-in" + (
             f" with {md(weights)} weights" if weights else "")
         text = f"Finally, this is the toy preset ({what}): its numbers test the pipeline and say nothing about GPT-2 Small"
         if weights == "random":
@@ -165,6 +165,6 @@ def reading_paragraph(inputs: ReportInputs) -> str:
                      "held-out tail), so they measure the features on familiar text, not on new text.")
         out.append(text)
     else:
-        out.append(f"Finally, the numbers describe these {len(head)} features of {md(m['name'])} on {n_passages} "
+        out.append(f"Finally, the numbers describe these {len(head)} features of {md(m.name)} on {n_passages} "
                    f"passages of {md(inputs.tokens.get('corpus', 'the corpus'))}, not SAE features in general.")
     return " ".join(out)

@@ -12,7 +12,7 @@ from typing import Any
 
 import pandas as pd
 
-from pipeline import paths
+from pipeline import artifacts
 from pipeline.report.findings import reading_paragraph, sanity_checks
 from pipeline.report.inputs import ReportInputs
 from pipeline.report.run_section import lead_fragment, run_fragment
@@ -45,7 +45,7 @@ def figure_fragment(inputs: ReportInputs, key: str) -> str:
     """A markdown figure: no `#fig-` id, so Quarto adds no numbering that pandoc would lack."""
     n = int(inputs.headline["n_passages"].iloc[0])
     caption = FIGURE_CAPTIONS[key].format(alpha=inputs.alpha, n=n)
-    where = paths.REPORT_GENERATED.relative_to(paths.REPORT_DIR).as_posix()  # relative to report.qmd
+    where = artifacts.REPORT_GENERATED.relative_to(artifacts.REPORT_DIR).as_posix()  # relative to report.qmd
     return f"![{caption}]({where}/{FIGURE_DIR}/{inputs.figures[key].name})\n"
 
 

@@ -19,11 +19,11 @@ from typing import Any
 
 import pandas as pd
 
-from pipeline import paths
+from pipeline import artifacts
+from pipeline.artifacts import ModelRecord
 from pipeline.config import Config
 from pipeline.errors import UserError
 from pipeline.io import read_json
-from pipeline.stages import plot
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,7 @@ class ReportInputs:
     alpha: float
     layers: tuple[int, ...]
     live_percentile: float
-    model: dict[str, Any]  # data/model.json
+    model: ModelRecord  # data/model.json
     tokens: dict[str, Any]  # data/tokens.json
     features: pd.DataFrame  # data/features.csv, the studied layers only
     per_feature: pd.DataFrame  # metrics/per_feature_metrics.csv, every alpha
@@ -56,13 +56,7 @@ class ReportInputs:
 
     @property
     def is_toy(self) -> bool:
-        return self.model.get("preset") == "toy"
-
-    def layer_entry(self, layer: int) -> dict[str, Any]:
-        for entry in self.model.get("layers", []):
-            if int(entry["layer"]) == layer:
-                return entry
-        return {}
+        return self.model.preset == "toy"
 
 
 def _need(path: Path, stage: str) -> Path:
@@ -77,37 +71,37 @@ def _read_csv(path: Path) -> pd.DataFrame:
 
 
 def load_inputs(config: Config) -> ReportInputs:
-    model = read_json(_need(paths.MODEL_JSON, "model"))
-    tokens = read_json(_need(paths.TOKENS_META, "tokenize"))
-    features = _read_csv(_need(paths.FEATURES, "features"))
-    per_feature = _read_csv(_need(paths.PER_FEATURE, "aggregate"))
-    summary = read_json(_need(paths.SUMMARY, "aggregate"))
+    model = ModelRecord.from_dict(read_json(_need(artifacts.MODEL_JSON, "model")))
+    tokens = read_json(_need(artifacts.TOKENS_META, "tokenize"))
+    features = artifacts.read_features()
+    per_feature = artifacts.read_per_feature()
+    summary = read_json(_need(artifacts.SUMMARY, "aggregate"))
 
     have_layers = sorted(int(x) for x in per_feature["layer"].unique())
     if have_layers != sorted(config.layers):
-        raise UserError(f"{paths.PER_FEATURE} covers layers {have_layers} but params `layers` is "
+        raise UserError(f"{artifacts.PER_FEATURE} covers layers {have_layers} but params `layers` is "
                         f"{list(config.layers)}; it is stale: rerun `dvc repro aggregate`")
     if not (per_feature["alpha"] == config.alpha).any():
-        raise UserError(f"{paths.PER_FEATURE} has no rows at alpha {config.alpha:g}; it is stale: rerun `dvc repro`")
+        raise UserError(f"{artifacts.PER_FEATURE} has no rows at alpha {config.alpha:g}; it is stale: rerun `dvc repro`")
     features = features[features["layer"].isin(config.layers)].reset_index(drop=True)
 
     details = {}
     for layer in config.layers:
-        path = _need(paths.layer_detail(layer), f"intervene@{layer}")
+        path = _need(artifacts.layer_detail(layer), f"intervene@{layer}")
         details[layer] = read_json(path)
         if float(details[layer].get("alpha", config.alpha)) != config.alpha:
             raise UserError(f"{path} holds snippets at alpha {details[layer]['alpha']:g} but params alpha is "
                             f"{config.alpha:g}; it is stale: rerun `dvc repro intervene@{layer}`")
 
     figures = {
-        "headline": _need(plot.headline_png(config.alpha), "plot"),
-        "dce_vs_alpha": _need(plot.DCE_VS_ALPHA_PNG, "plot"),
-        "kl_vs_alpha": _need(plot.KL_VS_ALPHA_PNG, "plot"),
-        "kl_heatmap": _need(plot.KL_HEATMAP_PNG, "plot"),
+        "headline": _need(artifacts.headline_png(config.alpha), "plot"),
+        "dce_vs_alpha": _need(artifacts.DCE_VS_ALPHA_PNG, "plot"),
+        "kl_vs_alpha": _need(artifacts.KL_VS_ALPHA_PNG, "plot"),
+        "kl_heatmap": _need(artifacts.KL_HEATMAP_PNG, "plot"),
     }
 
     stages = ["model", "tokenize", "features", *(f"intervene_{layer}" for layer in config.layers), "aggregate", "plot"]
-    runs = {s: read_json(paths.run_record(s)) for s in stages if paths.run_record(s).exists()}
+    runs = {s: read_json(artifacts.run_record(s)) for s in stages if artifacts.run_record(s).exists()}
 
     return ReportInputs(alpha=config.alpha, layers=tuple(config.layers), live_percentile=config.live_percentile,
                         model=model, tokens=tokens, features=features, per_feature=per_feature, summary=summary,

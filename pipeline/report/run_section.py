@@ -34,17 +34,16 @@ def _code(text: Any) -> str:
 
 
 def _model_html(inputs: ReportInputs) -> str:
-    m = inputs.model["model"]
-    shape = (f"{m.get('n_layers')} layers, d_model {m.get('d_model')}, vocabulary {integer(m.get('d_vocab'))}, "
-             f"context {m.get('n_ctx')}")
-    text = f"{_code(m['name'])} ({h(m.get('source', '?'))}): {h(shape)}"
-    if m.get("weights_sha256"):
-        text += f"; weights sha256 {_code(m['weights_sha256'][:SHA_SHOWN])}…"
-    for record in m.get("hub", []):
+    m = inputs.model.model
+    shape = f"{m.n_layers} layers, d_model {m.d_model}, vocabulary {integer(m.d_vocab)}, context {m.n_ctx}"
+    text = f"{_code(m.name)} ({h(m.source)}): {h(shape)}"
+    if m.weights_sha256:
+        text += f"; weights sha256 {_code(m.weights_sha256[:SHA_SHOWN])}…"
+    for record in m.hub_files:
         if record.get("file") == "model.safetensors":
             text += f"; {_code(record['repo_id'])} at revision {_code(str(record.get('revision', '?'))[:SHA_SHOWN])}"
-    if m.get("from_pretrained_kwargs"):
-        kwargs = ", ".join(f"{k}={v}" for k, v in m["from_pretrained_kwargs"].items())
+    if m.from_pretrained_kwargs:
+        kwargs = ", ".join(f"{k}={v}" for k, v in m.from_pretrained_kwargs.items())
         text += f"; loaded with {_code(kwargs)}"
     toy = inputs.runs.get("model", {}).get("toy")
     if isinstance(toy, dict) and toy:
@@ -53,13 +52,13 @@ def _model_html(inputs: ReportInputs) -> str:
 
 
 def _saes_html(inputs: ReportInputs) -> str:
-    entries = [inputs.layer_entry(layer) for layer in inputs.layers]
-    ids = [e.get("sae_id", "?") for e in entries]
-    text = f"{_code(inputs.model.get('sae_release'))}, hook {_code(inputs.model.get('hook'))}"
+    entries = [inputs.model.layer(layer) for layer in inputs.layers]
+    ids = [e.sae_id for e in entries]
+    text = f"{_code(inputs.model.sae_release)}, hook {_code(inputs.model.hook)}"
     text += f"; SAE ids {_code(ids[0])}" + (f" … {_code(ids[-1])}" if len(ids) > 1 else "")
-    kinds = sorted({f"{e.get('architecture', '?')}, d_sae {integer(e.get('d_sae'))}" for e in entries})
+    kinds = sorted({f"{e.architecture}, d_sae {integer(e.d_sae)}" for e in entries})
     text += "; " + h("; ".join(kinds))
-    sources = [e["neuronpedia"] for e in entries if e.get("neuronpedia")]
+    sources = [e.neuronpedia for e in entries if e.neuronpedia]
     if sources:
         text += f"; Neuronpedia sources {_code(sources[0])}" + (f" … {_code(sources[-1])}" if len(sources) > 1 else "")
     return text
@@ -123,7 +122,7 @@ def run_rows(inputs: ReportInputs, rendered_by: str) -> list[tuple[str, str]]:
     sweep = ", ".join(f"{a:g}" for a in inputs.alphas)
     rendered = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     return [
-        ("Preset", _code(inputs.model.get("preset"))),
+        ("Preset", _code(inputs.model.preset)),
         ("Model", _model_html(inputs)),
         ("SAEs", _saes_html(inputs)),
         ("Corpus", _corpus_html(inputs)),
@@ -182,10 +181,10 @@ def run_fragment(inputs: ReportInputs, rendered_by: str) -> str:
 
 def lead_fragment(inputs: ReportInputs) -> str:
     head = inputs.headline
-    model = inputs.model["model"]
+    model = inputs.model.model
     n, t = inputs.tokens.get("tokens_shape", ["?", "?"])
-    text = (f"Each of {len(head)} sparse-autoencoder features in {md(model['name'])} "
-            f"(layers {layer_span(inputs.layers)}, hook {md(inputs.model.get('hook'))}) is scaled by α and the model's "
+    text = (f"Each of {len(head)} sparse-autoencoder features in {md(model.name)} "
+            f"(layers {layer_span(inputs.layers)}, hook {md(inputs.model.hook)}) is scaled by α and the model's "
             f"next-token loss is measured on {n} passages of {t} tokens from {md(inputs.tokens.get('corpus'))}. "
             f"Headline α = {inputs.alpha:g}.")
     out = f"::: {{.lead}}\n{text}\n:::\n"

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from pipeline.engine.forward import FeatureEncoder, residual_at
 from pipeline.errors import UserError
-from pipeline.resolve import LayerPlan
+from pipeline.hooks import LayerPlan
 from pipeline.sources.selection import FeatureChoice
 from pipeline.tokenizer import Tokenizer, quote_token
 

@@ -12,7 +12,7 @@ import csv
 import math
 from pathlib import Path
 
-from pipeline import paths
+from pipeline import artifacts
 from pipeline.errors import UserError
 from pipeline.sources.selection import FeatureChoice
 
@@ -36,7 +36,7 @@ def read_curated_csv(path: str | Path, layers: tuple[int, ...], per_layer: int,
     path = Path(path)
     if not path.exists():
         raise UserError(
-            f"features_csv {path} not found; copy {paths.FEATURES_TEMPLATE} to it and "
+            f"features_csv {path} not found; copy {artifacts.FEATURES_TEMPLATE} to it and "
             "fill it in (README: 'Choosing features'), or set feature_source to auto or neuronpedia"
         )
     with open(path, newline="", encoding="utf-8") as f:

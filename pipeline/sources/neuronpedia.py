@@ -9,7 +9,7 @@ whatever we searched for), are limited to 200 searches an hour and shift as expl
 added, and over the bulk S3 export, which is far more to download than five features per layer
 need. The list is in git, so the candidate set is reviewable and the same on every machine.
 
-Each candidate's Neuronpedia record (pipeline.neuronpedia: fetched once, then cached on disk) must
+Each candidate's Neuronpedia record (pipeline.sources.neuronpedia_client: fetched once, then cached on disk) must
 have an explanation, an explanation score of at least `MIN_EXPLANATION_SCORE` where the record has
 scores, a `frac_nonzero` in [min_density, max_density] and a max activation; the first
 `features_per_layer` that pass are chosen, at most `neuronpedia_max_fetch` being looked at per
@@ -29,17 +29,16 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import paths
+from pipeline import artifacts
+from pipeline.artifacts import ModelRecord
 from pipeline.config import Config
 from pipeline.errors import UserError
-from pipeline.neuronpedia import NeuronpediaClient, NeuronpediaFeature, split_neuronpedia_id
-from pipeline.resolve import LayerPlan
-from pipeline.resolved import Resolved
+from pipeline.hooks import LayerPlan
+from pipeline.sources.neuronpedia_client import NeuronpediaClient, NeuronpediaFeature, split_neuronpedia_id
 from pipeline.sources.selection import FeatureChoice
 
 log = logging.getLogger(__name__)
 
-DOCUMENTED_FEATURES = paths.DATA / "res_jb_documented_features.csv"
 DOCUMENTED_MODEL = "gpt2-small"  # the list documents Neuronpedia sources gpt2-small/{neuronpedia_layer}-res-jb
 MIN_EXPLANATION_SCORE = 0.5  # mean of Neuronpedia's scores for the chosen explanation, where it has any
 NP_TOP_TOKENS = 10  # Neuronpedia's top promoted / suppressed logit tokens kept per feature
@@ -168,10 +167,10 @@ def choose_layer(client: NeuronpediaClient, config: Config, layer: int, plan: La
     return chosen
 
 
-def choose_from_neuronpedia(config: Config, resolved: Resolved, *, client: NeuronpediaClient | None = None,
-                            documented_csv: str | Path = DOCUMENTED_FEATURES) -> list[FeatureChoice]:
+def choose_from_neuronpedia(config: Config, model_record: ModelRecord, *, client: NeuronpediaClient | None = None,
+                            documented_csv: str | Path = artifacts.DOCUMENTED_FEATURES) -> list[FeatureChoice]:
     """`features_per_layer` Neuronpedia-vetted features for every layer in `config.layers`."""
-    plans = {layer: resolved.plan(layer) for layer in config.layers}
+    plans = {layer: model_record.layer(layer).plan() for layer in config.layers}
     # Checked for every layer before any request, so a toy SAE fails at once, not after fetching.
     for layer, plan in plans.items():
         if plan.neuronpedia is None:
@@ -183,4 +182,4 @@ def choose_from_neuronpedia(config: Config, resolved: Resolved, *, client: Neuro
         split_neuronpedia_id(plan.neuronpedia)
     client = client or NeuronpediaClient()
     return [choice for layer, plan in plans.items()
-            for choice in choose_layer(client, config, layer, plan, resolved.d_sae(layer), documented_csv)]
+            for choice in choose_layer(client, config, layer, plan, model_record.layer(layer).d_sae, documented_csv)]

@@ -5,10 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
-FEATURE_COLUMNS = (
-    "layer", "feature", "label", "source", "density", "max_act", "neuronpedia_url",
-    "np_pos_tokens", "np_neg_tokens", "reason",
-)
+from pipeline.artifacts import FEATURE_COLUMNS
 
 
 @dataclass(frozen=True)

@@ -17,34 +17,27 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pipeline import paths
-from pipeline.config import INTERVENTION_IDENTITY, Config
+from pipeline import artifacts
+from pipeline.config import Config
+from pipeline.engine.identity import INTERVENTION_IDENTITY
 from pipeline.errors import UserError
 from pipeline.io import write_csv, write_json
 from pipeline.runinfo import stage_record
-from pipeline.stages.features import read_features
+from pipeline.stage_params import StageParams
 
-KL_TOLERANCE = 1e-6  # float32 rounding can leave an exact-zero KL at about -1e-9
-
-PER_FEATURE_COLUMNS = [
-    "layer", "feature", "label", "alpha", "intervention", "is_headline",
-    "delta_ce", "delta_ce_se", "kl", "kl_se", "delta_ce_live", "kl_live",
-    "n_live", "frac_live", "mean_act_live", "live_threshold", "ce_clean", "ce_int",
-    "density", "max_act", "source_density", "source_max_act",
-    "top_promoted", "top_suppressed", "np_pos_tokens", "np_neg_tokens",
-    "neuronpedia_url", "source", "n_passages", "n_scored",
-]
+# The params this stage reads (its dvc.yaml params; tests/test_dvc_yaml.py checks they agree).
+PARAMS = ("layers", "alpha", "alpha_sweep", "intervention")
 
 
 def load_layer_tables(config: Config) -> pd.DataFrame:
     frames = []
     for layer in config.layers:
-        path = paths.layer_metrics(layer)
+        path = artifacts.layer_metrics(layer)
         if not path.exists():
             raise UserError(f"{path} not found; run `dvc repro` (stage intervene@{layer})")
         frame = pd.read_csv(path, keep_default_na=False, na_values=["", "nan", "NaN"])
         alphas = sorted(frame["alpha"].unique().tolist())
-        if not np.allclose(alphas, config.alpha_sweep) or len(alphas) != len(config.alpha_sweep):
+        if len(alphas) != len(config.alpha_sweep) or not np.allclose(alphas, config.alpha_sweep):
             raise UserError(f"{path} holds alphas {alphas} but the sweep is {list(config.alpha_sweep)}; "
                             f"it is stale: rerun intervene@{layer}")
         frames.append(frame)
@@ -53,7 +46,7 @@ def load_layer_tables(config: Config) -> pd.DataFrame:
 
 def per_feature_table(config: Config) -> pd.DataFrame:
     metrics = load_layer_tables(config)
-    features = read_features(config.layers).rename(columns={"density": "source_density", "max_act": "source_max_act"})
+    features = artifacts.read_features(config.layers).rename(columns={"density": "source_density", "max_act": "source_max_act"})
     keep = ["layer", "feature", "label", "source", "source_density", "source_max_act", "neuronpedia_url",
             "np_pos_tokens", "np_neg_tokens"]
     merged = metrics.merge(features[keep], on=["layer", "feature"], how="left", validate="many_to_one")
@@ -61,9 +54,9 @@ def per_feature_table(config: Config) -> pd.DataFrame:
     if len(unlabeled):
         row = unlabeled.iloc[0]
         raise UserError(f"layer {row['layer']} feature {row['feature']} has metrics but is not in "
-                        f"{paths.FEATURES}; rerun intervene@{row['layer']}")
+                        f"{artifacts.FEATURES}; rerun intervene@{row['layer']}")
     merged["is_headline"] = merged["alpha"] == config.alpha
-    return merged[PER_FEATURE_COLUMNS].sort_values(["layer", "feature", "alpha"], kind="stable")
+    return merged[artifacts.PER_FEATURE_COLUMNS].sort_values(["layer", "feature", "alpha"], kind="stable")
 
 
 def per_layer_table(per_feature: pd.DataFrame) -> pd.DataFrame:
@@ -106,7 +99,7 @@ def sanity(per_feature: pd.DataFrame, identity: float | None) -> dict[str, Any]:
         "nan_values": int((metrics.isna() & ~allowed).to_numpy().sum()),
         "nan_live_rows": int(no_live.sum()),
         "kl_min": float(per_feature["kl"].min()),
-        "kl_negative_rows": int((per_feature["kl"] < -KL_TOLERANCE).sum()),
+        "kl_negative_rows": int((per_feature["kl"] < -artifacts.KL_TOLERANCE).sum()),
     }
     if identity is not None:
         ident = per_feature[per_feature["alpha"] == identity]
@@ -147,12 +140,13 @@ def summary(per_feature: pd.DataFrame, config: Config, identity: float | None) -
     }
 
 
-def run_aggregate_stage(config: Config) -> dict[str, Any]:
+def run_aggregate_stage(config: Config | StageParams) -> dict[str, Any]:
+    config = StageParams.of(config, "aggregate", PARAMS)
     with stage_record("aggregate"):
         per_feature = per_feature_table(config)
         per_layer = per_layer_table(per_feature)
         result = summary(per_feature, config, INTERVENTION_IDENTITY[config.intervention])
-        write_csv(paths.PER_FEATURE, per_feature)
-        write_csv(paths.PER_LAYER, per_layer)
-        write_json(paths.SUMMARY, result)
+        write_csv(artifacts.PER_FEATURE, per_feature)
+        write_csv(artifacts.PER_LAYER, per_layer)
+        write_json(artifacts.SUMMARY, result)
     return result

@@ -9,67 +9,61 @@ from __future__ import annotations
 
 import pandas as pd
 
-from pipeline import paths
+from pipeline import artifacts
+from pipeline.artifacts import ModelRecord
+from pipeline.checks import check_features_per_layer
 from pipeline.config import Config
 from pipeline.errors import UserError
 from pipeline.io import write_csv
-from pipeline.loading import resolve_device
-from pipeline.resolved import Resolved
+from pipeline.loading import load_study_model, load_study_sae, resolve_device
 from pipeline.runinfo import device_description, stage_record
-from pipeline.sources.selection import FEATURE_COLUMNS, FeatureChoice
+from pipeline.sources.selection import FeatureChoice
+from pipeline.stage_params import StageParams
+from pipeline.tokenizer import study_tokenizer
+
+# The params this stage reads (its dvc.yaml params; tests/test_dvc_yaml.py checks they agree).
+PARAMS = ("preset", "feature_source", "features_csv", "features_per_layer", "layers", "seed", "min_density",
+          "max_density", "neuronpedia_max_fetch", "batch_size", "device", "dtype")
 
 
-def check_layers(config: Config, resolved: Resolved) -> None:
-    missing = [layer for layer in config.layers if layer not in resolved.layers]
+def check_layers(config: Config, model_record: ModelRecord) -> None:
+    missing = [layer for layer in config.layers if layer not in model_record.layer_numbers]
     if missing:
-        raise UserError(f"layers {missing} are not in {paths.MODEL_JSON} (it has {resolved.layers}); "
+        raise UserError(f"layers {missing} are not in {artifacts.MODEL_JSON} (it has {model_record.layer_numbers}); "
                         "rerun the model stage (`dvc repro` does this)")
-    too_many = [layer for layer in config.layers if config.features_per_layer > resolved.d_sae(layer)]
-    if too_many:
-        layer = too_many[0]
-        raise UserError(f"params.yaml: features_per_layer is {config.features_per_layer} but layer {layer}'s "
-                        f"SAE has {resolved.d_sae(layer)} features")
+    check_features_per_layer(config, {layer: model_record.layer(layer).d_sae for layer in config.layers})
 
 
-def select_features(config: Config, resolved: Resolved) -> list[FeatureChoice]:
-    check_layers(config, resolved)
+def select_features(config: Config, model_record: ModelRecord) -> list[FeatureChoice]:
+    check_layers(config, model_record)
     if config.feature_source == "csv":
         from pipeline.sources.csv_file import read_curated_csv
 
         return read_curated_csv(config.features_csv, config.layers, config.features_per_layer,
-                                {layer: resolved.d_sae(layer) for layer in config.layers})
+                                {layer: model_record.layer(layer).d_sae for layer in config.layers})
     if config.feature_source == "neuronpedia":
         from pipeline.sources.neuronpedia import choose_from_neuronpedia
 
-        return choose_from_neuronpedia(config, resolved)
+        return choose_from_neuronpedia(config, model_record)
     from pipeline.sources.auto import choose_auto
-    from pipeline.stages.tokenize import load_tokens
 
-    tokens = load_tokens()
+    tokens = artifacts.read_tokens()
     device = resolve_device(config.device)
-    model = resolved.load_model(device, config.dtype)
-    plans = {layer: resolved.plan(layer) for layer in config.layers}
-    saes = {layer: resolved.load_sae(layer, device, config.dtype) for layer in config.layers}
-    return choose_auto(model, saes, plans, tokens, resolved.tokenizer(), config.features_per_layer,
+    model = load_study_model(model_record, device, config.dtype)
+    plans = {layer: model_record.layer(layer).plan() for layer in config.layers}
+    saes = {layer: load_study_sae(model_record, layer, device, config.dtype) for layer in config.layers}
+    return choose_auto(model, saes, plans, tokens, study_tokenizer(model_record), config.features_per_layer,
                        config.min_density, config.max_density, config.batch_size)
 
 
-def run_features_stage(config: Config) -> pd.DataFrame:
-    resolved = Resolved.load()
+def run_features_stage(config: Config | StageParams) -> pd.DataFrame:
+    config = StageParams.of(config, "features", PARAMS)
+    model_record = ModelRecord.read()
     # The Neuronpedia cache is a persistent DVC output of this stage: it exists for every source.
-    paths.NEURONPEDIA_CACHE.mkdir(parents=True, exist_ok=True)
+    artifacts.NEURONPEDIA_CACHE.mkdir(parents=True, exist_ok=True)
     with stage_record("features", source=config.feature_source) as record:
         record["device"] = device_description(resolve_device(config.device))
-        choices = select_features(config, resolved)
-        frame = pd.DataFrame([c.row() for c in choices], columns=list(FEATURE_COLUMNS))
-        write_csv(paths.FEATURES, frame)
-    return frame
-
-
-def read_features(layers: tuple[int, ...] | list[int] | None = None) -> pd.DataFrame:
-    if not paths.FEATURES.exists():
-        raise UserError(f"{paths.FEATURES} not found; run `dvc repro features` first")
-    frame = pd.read_csv(paths.FEATURES, keep_default_na=False, na_values=[""])
-    if layers is not None:
-        frame = frame[frame["layer"].isin(list(layers))]
+        choices = select_features(config, model_record)
+        frame = pd.DataFrame([c.row() for c in choices], columns=list(artifacts.FEATURE_COLUMNS))
+        write_csv(artifacts.FEATURES, frame)
     return frame

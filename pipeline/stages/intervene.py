@@ -18,7 +18,8 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from pipeline import paths
+from pipeline import artifacts
+from pipeline.artifacts import ModelRecord
 from pipeline.config import Config
 from pipeline.engine.forward import FeatureEncoder
 from pipeline.engine.interventions import INTERVENTIONS
@@ -27,11 +28,14 @@ from pipeline.engine.run import LayerResult, run_layer
 from pipeline.engine.snippets import direct_logit_effect, feature_snippets
 from pipeline.errors import NonFiniteMetricError, UserError
 from pipeline.io import write_csv, write_json
-from pipeline.loading import resolve_device
-from pipeline.resolved import Resolved
+from pipeline.loading import load_study_model, load_study_sae, resolve_device
 from pipeline.runinfo import device_description, stage_record
-from pipeline.stages.features import read_features
-from pipeline.stages.tokenize import load_tokens
+from pipeline.stage_params import StageParams
+from pipeline.tokenizer import study_tokenizer
+
+# The params this stage reads (its dvc.yaml params; tests/test_dvc_yaml.py checks they agree).
+PARAMS = ("alpha", "alpha_sweep", "intervention", "live_percentile", "top_k_tokens", "n_snippets", "batch_size",
+          "device", "dtype")
 
 # Live-position metrics are NaN by definition when no position is live; nothing else may be.
 NAN_ALLOWED_WHEN_NO_LIVE = ("mean_act_live", "delta_ce_live", "kl_live")
@@ -81,22 +85,23 @@ def layer_rows(result: LayerResult, layer: int, config: Config, tokenizer) -> li
     return rows
 
 
-def run_intervene_stage(config: Config, layer: int) -> pd.DataFrame:
-    resolved = Resolved.load()
-    plan = resolved.plan(layer)
-    features = read_features([layer])["feature"].astype(int).tolist()
+def run_intervene_stage(config: Config | StageParams, layer: int) -> pd.DataFrame:
+    config = StageParams.of(config, "intervene", PARAMS)
+    model_record = ModelRecord.read()
+    plan = model_record.layer(layer).plan()
+    features = artifacts.read_features([layer])["feature"].astype(int).tolist()
     if not features:
-        raise UserError(f"{paths.FEATURES} has no features for layer {layer}; rerun the features stage")
-    tokens = load_tokens()
+        raise UserError(f"{artifacts.FEATURES} has no features for layer {layer}; rerun the features stage")
+    tokens = artifacts.read_tokens()
     intervention = INTERVENTIONS[config.intervention]
     values = list(config.alpha_sweep)
 
     with stage_record(f"intervene_{layer}", layer=layer) as record:
         device = resolve_device(config.device)
         record["device"] = device_description(device)
-        model = resolved.load_model(device, config.dtype)
-        sae = resolved.load_sae(layer, device, config.dtype)
-        tokenizer = resolved.tokenizer()
+        model = load_study_model(model_record, device, config.dtype)
+        sae = load_study_sae(model_record, layer, device, config.dtype)
+        tokenizer = study_tokenizer(model_record)
         total = len(features) * len(values) * len(tokens)
         with tqdm(total=total, desc=f"intervene@{layer}", unit="row", disable=None, leave=False) as bar:
             result = run_layer(model, sae, plan.resume_at, torch.from_numpy(tokens), features, values,
@@ -105,9 +110,9 @@ def run_intervene_stage(config: Config, layer: int) -> pd.DataFrame:
         rows = layer_rows(result, layer, config, tokenizer)
         check_finite(rows)
         detail = layer_detail(model, sae, plan, tokens, result, config, tokenizer, intervention)
-        write_json(paths.layer_detail(layer), detail)
+        write_json(artifacts.layer_detail(layer), detail)
         frame = pd.DataFrame(rows)
-        write_csv(paths.layer_metrics(layer), frame)
+        write_csv(artifacts.layer_metrics(layer), frame)
         record["engine"] = vars(result.stats)
     return frame
 

@@ -13,18 +13,16 @@ stages read data/model.json, never the preset keys: it is their single source of
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from pipeline import hub, paths
+from pipeline import artifacts, hub
 from pipeline.config import Config
 from pipeline.errors import UserError
 from pipeline.io import atomic_dir, read_json, sha256_file, write_json
-from pipeline.loading import MODEL_WEIGHTS, TOKENIZER_SPEC, load_model, load_sae, sae_model_kwargs
-from pipeline.resolve import (
+from pipeline.layer_plan import (
     LayerPlan,
     available_saes,
     equivalent_hooks,
@@ -32,13 +30,20 @@ from pipeline.resolve import (
     plan_layers,
     pretrained_directory,
 )
+from pipeline.loading import MODEL_WEIGHTS, TOKENIZER_SPEC, load_model, load_sae, sae_model_kwargs
 from pipeline.runinfo import device_description, stage_record
+from pipeline.stage_params import StageParams
 from pipeline.validate import after_loading, preflight
 
+# The params this stage's outputs depend on (its dvc.yaml params). It also reads every other key,
+# `layers` included, but only to check them (preflight, after_loading): errors, never outputs.
+PARAMS = ("preset", "model", "sae_release", "hook", "seed", "toy_lm_steps", "toy_sae_steps")
 
-def run_model_stage(config: Config) -> dict[str, Any]:
-    preflight(config)  # a typo in any stage's input stops the study here, at second 1
-    user_config = config
+
+def run_model_stage(config: Config | StageParams) -> dict[str, Any]:
+    config = StageParams.of(config, "model", PARAMS)
+    checked = config.for_checks()
+    preflight(checked)  # a typo in any stage's input stops the study here, at second 1
     with stage_record("model") as record:
         # Checks and the toy's training run on the CPU: the record must not depend on the device.
         device = torch.device("cpu")
@@ -46,15 +51,17 @@ def run_model_stage(config: Config) -> dict[str, Any]:
         if config.preset == "toy":
             from pipeline.toy.build import build_toy
 
-            with atomic_dir(paths.preset_dir("toy")) as tmp:
+            with atomic_dir(artifacts.preset_dir("toy")) as tmp:
                 record["toy"] = build_toy(tmp, config)
         # Every layer of the model, not only `layers`: changing `layers` later needs no download
         # and no rebuild of the toy.
-        plan_layers(config)  # the study's own layers must all be covered (clear error if not)
+        plan_layers(checked)  # the study's own layers must all be covered (clear error if not)
         n_layers = model_n_layers(config)
         if n_layers is not None:
             covered = [layer for layer in range(n_layers) if _has_sae(config, layer, n_layers)]
-            config = dataclasses.replace(config, layers=tuple(sorted(set(covered) | set(config.layers))))
+            config = config.replace(layers=tuple(covered))
+        else:  # a release whose SAEs skip blocks: the study's own layers (checked after loading)
+            config = config.replace(layers=checked.layers)
         plans = plan_layers(config)
         availability = "local"
         sae_files: dict[int, list[hub.HubFile]] = {}
@@ -70,12 +77,12 @@ def run_model_stage(config: Config) -> dict[str, Any]:
             repo = _official_repo(config.model)
             hub.ensure_available([hub.HubFile(repo, name) for name in hub.MODEL_FILES], f"model {config.model}")
         model = load_model(config.model, device, "float32", model_kwargs)
-        too_deep = [p.layer for p in plans if p.layer >= model.cfg.n_layers]
+        too_deep = sorted({layer for layer in (*checked.layers, *(p.layer for p in plans)) if layer >= model.cfg.n_layers})
         if too_deep:
             raise UserError(f"params.yaml: layers {too_deep} are out of range; {config.model} has "
                             f"{model.cfg.n_layers} layers (allowed 0..{model.cfg.n_layers - 1})")
 
-        after_loading(user_config, model.cfg.n_ctx, {p.layer: int(saes[p.layer].cfg.d_sae) for p in plans}, plans)
+        after_loading(checked, model.cfg.n_ctx, {p.layer: int(saes[p.layer].cfg.d_sae) for p in plans}, plans)
         layers = [_layer_entry(config, p, saes[p.layer], model, sae_files.get(p.layer, [])) for p in plans]
         resolved = {
             "preset": config.preset,
@@ -86,9 +93,9 @@ def run_model_stage(config: Config) -> dict[str, Any]:
             "availability": availability,
             "layers": layers,
         }
-        write_json(paths.preset_dir(config.preset) / "sae_configs.json",
+        write_json(artifacts.preset_dir(config.preset) / "sae_configs.json",
                    {str(p.layer): saes[p.layer].cfg.to_dict() for p in plans})
-        write_json(paths.MODEL_JSON, resolved)
+        write_json(artifacts.MODEL_JSON, resolved)
     return resolved
 
 

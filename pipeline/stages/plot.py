@@ -19,23 +19,15 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from pipeline import paths  # noqa: E402
+from pipeline import artifacts  # noqa: E402
 from pipeline.config import Config  # noqa: E402
 from pipeline.errors import UserError  # noqa: E402
 from pipeline.io import atomic_path, write_csv  # noqa: E402
 from pipeline.runinfo import stage_record  # noqa: E402
+from pipeline.stage_params import StageParams  # noqa: E402
 
-LAYER_DCE_CSV = paths.PLOTS / "layer_dce.csv"
-ALPHA_SWEEP_CSV = paths.PLOTS / "alpha_sweep.csv"
-KL_HEATMAP_CSV = paths.PLOTS / "kl_heatmap.csv"
-DCE_VS_ALPHA_PNG = paths.PLOTS / "dce_vs_alpha.png"
-KL_VS_ALPHA_PNG = paths.PLOTS / "kl_vs_alpha.png"
-KL_HEATMAP_PNG = paths.PLOTS / "kl_heatmap.png"
-
-
-def headline_png(alpha: float) -> Path:
-    """plots/layer_vs_dloss_alpha2.png for alpha 2.0 (named after the current alpha)."""
-    return paths.PLOTS / f"layer_vs_dloss_alpha{alpha:g}.png"
+# The params this stage reads (its dvc.yaml params; tests/test_dvc_yaml.py checks they agree).
+PARAMS = ("alpha", "plot_dpi")
 
 
 def _save(fig, path: Path, dpi: int) -> None:
@@ -70,7 +62,7 @@ def layer_dce_figure(per_feature: pd.DataFrame, alpha: float, dpi: int) -> pd.Da
     ax.set_title(f"Effect of scaling each feature by α = {alpha:g} (points: features, bars: ±1 SE over passages)")
     ax.set_xticks(layers)
     ax.legend(loc="best")
-    _save(fig, headline_png(alpha), dpi)
+    _save(fig, artifacts.headline_png(alpha), dpi)
     return data
 
 
@@ -79,8 +71,8 @@ def sweep_figures(per_feature: pd.DataFrame, dpi: int) -> pd.DataFrame:
              .sort_values(["layer", "alpha"]))
     cmap = plt.get_cmap("viridis")
     layers = sorted(sweep["layer"].unique())
-    for metric, path, label in (("delta_ce", DCE_VS_ALPHA_PNG, "Δ cross-entropy (nats)"),
-                                ("kl", KL_VS_ALPHA_PNG, "KL(clean ‖ intervened) (nats)")):
+    for metric, path, label in (("delta_ce", artifacts.DCE_VS_ALPHA_PNG, "Δ cross-entropy (nats)"),
+                                ("kl", artifacts.KL_VS_ALPHA_PNG, "KL(clean ‖ intervened) (nats)")):
         fig, ax = plt.subplots()
         for i, layer in enumerate(layers):
             g = sweep[sweep["layer"] == layer]
@@ -112,23 +104,22 @@ def kl_heatmap(per_feature: pd.DataFrame, alpha: float, dpi: int) -> pd.DataFram
     ax.set_ylabel("layer")
     ax.set_title(f"KL(clean ‖ intervened) at α = {alpha:g}")
     fig.colorbar(im, ax=ax, label="nats")
-    _save(fig, KL_HEATMAP_PNG, dpi)
+    _save(fig, artifacts.KL_HEATMAP_PNG, dpi)
     return head[["layer", "rank", "feature", "kl"]]
 
 
-def run_plot_stage(config: Config) -> list[Path]:
-    if not paths.PER_FEATURE.exists():
-        raise UserError(f"{paths.PER_FEATURE} not found; run `dvc repro aggregate` first")
-    per_feature = pd.read_csv(paths.PER_FEATURE)
+def run_plot_stage(config: Config | StageParams) -> list[Path]:
+    config = StageParams.of(config, "plot", PARAMS)
+    per_feature = artifacts.read_per_feature()
     if not (per_feature["alpha"] == config.alpha).any():
-        raise UserError(f"{paths.PER_FEATURE} has no rows at alpha {config.alpha:g}; rerun `dvc repro`")
+        raise UserError(f"{artifacts.PER_FEATURE} has no rows at alpha {config.alpha:g}; rerun `dvc repro`")
     _style()
     with stage_record("plot"):
-        paths.PLOTS.mkdir(exist_ok=True)
-        for stale in paths.PLOTS.glob("layer_vs_dloss_alpha*.png"):
-            if stale != headline_png(config.alpha):
+        artifacts.PLOTS.mkdir(exist_ok=True)
+        for stale in artifacts.PLOTS.glob("layer_vs_dloss_alpha*.png"):
+            if stale != artifacts.headline_png(config.alpha):
                 stale.unlink()
-        write_csv(LAYER_DCE_CSV, layer_dce_figure(per_feature, config.alpha, config.plot_dpi))
-        write_csv(ALPHA_SWEEP_CSV, sweep_figures(per_feature, config.plot_dpi))
-        write_csv(KL_HEATMAP_CSV, kl_heatmap(per_feature, config.alpha, config.plot_dpi))
-    return [headline_png(config.alpha), DCE_VS_ALPHA_PNG, KL_VS_ALPHA_PNG, KL_HEATMAP_PNG]
+        write_csv(artifacts.LAYER_DCE_CSV, layer_dce_figure(per_feature, config.alpha, config.plot_dpi))
+        write_csv(artifacts.ALPHA_SWEEP_CSV, sweep_figures(per_feature, config.plot_dpi))
+        write_csv(artifacts.KL_HEATMAP_CSV, kl_heatmap(per_feature, config.alpha, config.plot_dpi))
+    return [artifacts.headline_png(config.alpha), artifacts.DCE_VS_ALPHA_PNG, artifacts.KL_VS_ALPHA_PNG, artifacts.KL_HEATMAP_PNG]

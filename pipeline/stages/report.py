@@ -15,20 +15,24 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from pipeline import paths
+from pipeline import artifacts
 from pipeline.config import Config
 from pipeline.errors import UserError
 from pipeline.io import atomic_dir, write_bytes, write_text
 from pipeline.report.fragments import FIGURE_DIR, build_fragments
 from pipeline.report.inputs import load_inputs
 from pipeline.report.render import choose_renderer, describe, external_resources, render
+from pipeline.stage_params import StageParams
+
+# The params this stage reads (its dvc.yaml params; tests/test_dvc_yaml.py checks they agree).
+PARAMS = ("alpha", "layers", "live_percentile")
 
 STYLESHEET = Path(__file__).resolve().parents[1] / "report" / "report.css"
 
 
 def write_generated(fragments: dict[str, str], figures: list[Path]) -> None:
     """Replace report/generated/ whole: the fragments, the stylesheet, copies of the figures."""
-    with atomic_dir(paths.REPORT_GENERATED) as tmp:
+    with atomic_dir(artifacts.REPORT_GENERATED) as tmp:
         for name, text in fragments.items():
             write_text(tmp / name, text)
         shutil.copy2(STYLESHEET, tmp / "report.css")
@@ -37,19 +41,20 @@ def write_generated(fragments: dict[str, str], figures: list[Path]) -> None:
             shutil.copy2(src, tmp / FIGURE_DIR / src.name)
 
 
-def run_report_stage(config: Config, renderer: str = "auto") -> dict[str, str]:
+def run_report_stage(config: Config | StageParams, renderer: str = "auto") -> dict[str, str]:
     """Write report/generated/ and render report/report.html; returns the renderer used and the output."""
-    if not paths.REPORT_QMD.exists():
-        raise UserError(f"{paths.REPORT_QMD} not found; it is part of the repository: restore it with git")
+    config = StageParams.of(config, "report", PARAMS)
+    if not artifacts.REPORT_QMD.exists():
+        raise UserError(f"{artifacts.REPORT_QMD} not found; it is part of the repository: restore it with git")
     inputs = load_inputs(config)
     engine = choose_renderer(renderer)
     rendered_by = describe(engine)
     write_generated(build_fragments(inputs, rendered_by), list(inputs.figures.values()))
-    support = [str(paths.REPORT_GENERATED.relative_to(paths.REPORT_DIR))]
-    html = render(paths.REPORT_QMD, engine, support)
+    support = [str(artifacts.REPORT_GENERATED.relative_to(artifacts.REPORT_DIR))]
+    html = render(artifacts.REPORT_QMD, engine, support)
     problems = external_resources(html.decode("utf-8", errors="replace"))
     if problems:
         raise UserError(f"the report rendered by {rendered_by} is not self-contained ({len(problems)} problem(s), "
-                        f"first: {problems[0]}); {paths.REPORT_HTML} was not written")
-    write_bytes(paths.REPORT_HTML, html)
-    return {"renderer": rendered_by, "output": str(paths.REPORT_HTML)}
+                        f"first: {problems[0]}); {artifacts.REPORT_HTML} was not written")
+    write_bytes(artifacts.REPORT_HTML, html)
+    return {"renderer": rendered_by, "output": str(artifacts.REPORT_HTML)}

@@ -12,9 +12,10 @@ with no network:
   topic an article: English prose and code, available offline.
 
 Scales: `tiny` has GPT-2's architecture at width 64 and a 2,048-token vocabulary, but the
-release's d_sae (24,576), so real feature indices stay valid (seconds to build, ~170 MB);
+release's d_sae (24,576), so real feature indices stay valid (seconds to build, ~210 MB);
 `full` has GPT-2 Small's true shapes (d_model 768, vocab 50,257, SAEs 768 x 24,576; ~2.5 GB),
-for measuring time and memory.
+for measuring time and memory. Both test splits hold enough text for the default study's 200
+passages of 256 tokens.
 
 Everything is seeded random: the twin proves the code path, not the science. Nothing else in
 `pipeline/` knows about it: to the pipeline it is only a Hugging Face cache.
@@ -40,7 +41,8 @@ SCALES = {
 }
 D_SAE = 24576  # the release's, at both scales
 SAMPLE_PASSAGES, SAMPLE_LEN = 8, 128  # residuals the SAEs are calibrated on
-SPLIT_SHARES = {"train": 0.25, "validation": 0.10, "test": 0.65}  # of the articles; test is the study's
+SPLIT_SHARES = {"train": 0.15, "validation": 0.05, "test": 0.80}  # of the articles; test is the study's
+LEARNED_VOCAB = 8192  # BPE entries learned from the corpus at most; the rest of the vocab is unused
 
 
 def articles() -> list[tuple[str, list[str]]]:
@@ -98,7 +100,7 @@ def residual_samples(snapshot: Path, tokenizer_json: str, text: str, hooks: list
 
 def build_twin(directory: Path, scale: str = "tiny", seed: int = 0) -> dict[str, Any]:
     """Write the twin's Hugging Face cache into `directory` (use it as HF_HOME); returns its manifest."""
-    from pipeline.resolve import pretrained_directory
+    from pipeline.layer_plan import pretrained_directory
 
     if scale not in SCALES:
         raise ValueError(f"scale {scale!r}; allowed: {', '.join(SCALES)}")
@@ -108,7 +110,7 @@ def build_twin(directory: Path, scale: str = "tiny", seed: int = 0) -> dict[str,
 
     splits = {name: wikitext.wikitext_rows(items) for name, items in split_articles(articles()).items()}
     corpus_text = "".join(row for rows in splits.values() for row in rows)
-    tokenizer = gpt2.train_tokenizer(corpus_text, shape.vocab_size)
+    tokenizer = gpt2.train_tokenizer(corpus_text, shape.vocab_size, LEARNED_VOCAB)
 
     model_repo = CachedRepo(gpt2.REPO_ID)
     for path, content in gpt2.repo_files(shape, tokenizer, seed).items():

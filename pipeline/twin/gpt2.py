@@ -121,15 +121,18 @@ class TokenizerFiles:
     vocab_size: int  # including <|endoftext|>
 
 
-def train_tokenizer(text: str, vocab_size: int) -> TokenizerFiles:
+def train_tokenizer(text: str, vocab_size: int, learned: int | None = None) -> TokenizerFiles:
     """A byte-level BPE in GPT-2's format with exactly `vocab_size` ids, `<|endoftext|>` the last.
 
-    Trained on `text`; where the text has fewer merges to give than the size asks for, the vocab is
-    filled with placeholder entries that no merge produces (so they never occur), which keeps the
-    ids GPT-2's: 0..vocab_size-2 ordinary tokens, vocab_size-1 the end-of-text token."""
+    Trained on `text` up to `learned` entries (default: all but the end-of-text token); the rest of
+    the vocab is filled with placeholder entries that no merge produces (so they never occur),
+    which keeps the ids GPT-2's: 0..vocab_size-2 ordinary tokens, vocab_size-1 the end-of-text
+    token. A small corpus cannot support 50k merges (they would memorise whole words and leave too
+    few tokens for the study's passages), so the full-scale twin learns fewer."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size - 1, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    learned = min(learned or vocab_size - 1, vocab_size - 1)
+    trainer = trainers.BpeTrainer(vocab_size=learned, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   special_tokens=[], show_progress=False)
     probe = Tokenizer(models.BPE())
     probe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

@@ -30,7 +30,7 @@ from typing import Any
 
 import requests
 
-from pipeline import paths
+from pipeline import artifacts
 from pipeline.errors import UserError
 from pipeline.io import write_text
 
@@ -42,7 +42,7 @@ MAX_WAIT_S = 120.0  # a longer Retry-After means an exhausted quota: fail now ra
 TIMEOUT_S = (5.0, 30.0)  # connect, read
 USER_AGENT = "sae-feature-interventions (research pipeline; plain HTTP, responses cached)"
 OFFLINE_REMEDY = (
-    f"with no network, copy {paths.NEURONPEDIA_CACHE}/ from a run that had one, point {API_URL_ENV} at a "
+    f"with no network, copy {artifacts.NEURONPEDIA_CACHE}/ from a run that had one, point {API_URL_ENV} at a "
     "reachable mirror, or set feature_source to csv or auto"
 )
 
@@ -205,7 +205,7 @@ def _short(exc: BaseException) -> str:
 class NeuronpediaClient:
     """Fetches feature payloads, answering from the on-disk cache whenever it can."""
 
-    def __init__(self, base_url: str | None = None, cache_dir: str | Path = paths.NEURONPEDIA_CACHE, *,
+    def __init__(self, base_url: str | None = None, cache_dir: str | Path = artifacts.NEURONPEDIA_CACHE, *,
                  sleep: Callable[[float], None] = time.sleep, tries: int = TRIES,
                  timeout: tuple[float, float] = TIMEOUT_S, session: requests.Session | None = None):
         self.base_url = (base_url or api_base_url()).rstrip("/")

@@ -4,7 +4,7 @@ For a hub release the answer comes from SAE-Lens's pretrained directory (`pretra
 the file `sae_lens.loading.pretrained_saes_directory.get_pretrained_saes_directory` reads). We
 read that packaged file directly, because importing `sae_lens` costs ~6 s (it imports
 TransformerLens and transformers) and `plan` and the offline check must answer in well under a
-second; `tests/test_resolve.py` checks the two readings agree for every release.
+second; `tests/test_layer_plan.py` checks the two readings agree for every release.
 
 TransformerLens's `blocks.L.hook_resid_post` is the same tensor as `blocks.(L+1).hook_resid_pre`,
 so a release that only has resid_pre SAEs (gpt2-small-res-jb) still covers resid_post layers
@@ -19,7 +19,7 @@ import functools
 import importlib.util
 import json
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +27,7 @@ import yaml
 
 from pipeline.config import Config
 from pipeline.errors import UserError
-
-NEURONPEDIA_SITE = "https://www.neuronpedia.org"
+from pipeline.hooks import LayerPlan, hook_name, resume_index
 
 
 @dataclass(frozen=True)
@@ -42,26 +41,6 @@ class ReleaseInfo:
     neuronpedia_id: dict[str, str | None]  # sae id -> "gpt2-small/7-res-jb"
     config_overrides: dict[str, Any]
     conversion_func: str | None = None  # None: SAE-Lens's own file layout (cfg.json + weights)
-
-
-@dataclass(frozen=True)
-class LayerPlan:
-    """Where the intervention for one layer happens and which SAE reads it."""
-
-    layer: int
-    hook: str  # the model hook we intervene at, e.g. blocks.3.hook_resid_post
-    resume_at: int  # first block to run after the hook (start_at_layer)
-    sae_release: str
-    sae_id: str  # id in the release, or folder name for a local directory
-    neuronpedia: str | None  # e.g. gpt2-small/4-res-jb
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def neuronpedia_url(self, feature: int) -> str | None:
-        if self.neuronpedia is None:
-            return None
-        return f"{NEURONPEDIA_SITE}/{self.neuronpedia}/{feature}"
 
 
 def _sae_lens_yaml() -> Path:
@@ -90,34 +69,6 @@ def pretrained_directory() -> dict[str, ReleaseInfo]:
             conversion_func=value.get("conversion_func"),
         )
     return directory
-
-
-def hook_name(hook: str, layer: int) -> str:
-    return f"blocks.{layer}.hook_{hook}"
-
-
-def resume_index(hook: str, layer: int) -> int:
-    """The block a forward pass resumes at after intervening at this hook."""
-    return layer + 1 if hook == "resid_post" else layer
-
-
-_RESID_RE = re.compile(r"^blocks\.(\d+)\.hook_resid_(pre|post)$")
-
-
-def residual_index(name: str) -> int | None:
-    """Position of a residual hook in the stream: resid_pre L -> L, resid_post L -> L + 1."""
-    m = _RESID_RE.match(name)
-    if m is None:
-        return None
-    return int(m.group(1)) + (1 if m.group(2) == "post" else 0)
-
-
-def same_tensor(hook_a: str, hook_b: str) -> bool:
-    """Whether two TransformerLens hook names carry the same tensor."""
-    if hook_a == hook_b:
-        return True
-    ia, ib = residual_index(hook_a), residual_index(hook_b)
-    return ia is not None and ia == ib
 
 
 def equivalent_hooks(hook: str, layer: int, n_layers: int | None) -> list[str]:

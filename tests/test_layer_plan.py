@@ -6,7 +6,8 @@ import pytest
 
 from pipeline.config import parse_params
 from pipeline.errors import UserError
-from pipeline.resolve import plan_layers, pretrained_directory, same_tensor
+from pipeline.hooks import same_tensor
+from pipeline.layer_plan import plan_layers, pretrained_directory
 
 
 def test_our_reading_of_the_directory_equals_sae_lens_own():

@@ -5,8 +5,9 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from pipeline.config import INTERVENTION_IDENTITY, Config
-from pipeline.resolve import model_from_pretrained_kwargs, plan_layers
+from pipeline.config import Config
+from pipeline.engine.identity import INTERVENTION_IDENTITY
+from pipeline.layer_plan import model_from_pretrained_kwargs, plan_layers
 
 
 def forward_passes(config: Config) -> dict[str, int]:

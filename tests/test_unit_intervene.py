@@ -1,0 +1,91 @@
+"""Unit tests of `check_finite` (stage intervene@L): NaN only where the metric definitions allow it."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import pytest
+
+from pipeline.errors import NonFiniteMetricError, UserError
+from pipeline.stages.aggregate import sanity
+from pipeline.stages.intervene import NAN_ALLOWED_ONE_PASSAGE, NAN_ALLOWED_WHEN_NO_LIVE, check_finite
+
+FLOAT_METRICS = ("ce_clean", "ce_int", "delta_ce", "delta_ce_se", "kl", "kl_se", "live_threshold", "frac_live",
+                 "mean_act_live", "delta_ce_live", "kl_live", "density", "max_act")
+
+
+def row(layer: int = 6, feature: int = 1234, alpha: float = 0.5, **overrides) -> dict:
+    out = {"layer": layer, "feature": feature, "alpha": alpha, "intervention": "scale", "is_headline": False,
+           "n_passages": 8, "n_scored": 80, "n_live": 5, "top_promoted": "[]", "top_suppressed": "[]"}
+    out.update({key: 0.25 for key in FLOAT_METRICS})
+    out.update(overrides)
+    return out
+
+
+def test_finite_rows_pass():
+    check_finite([row(), row(feature=7, alpha=2.0)])
+
+
+def test_live_metrics_may_be_nan_when_no_position_is_live():
+    nan_live = {key: math.nan for key in ("mean_act_live", "delta_ce_live", "kl_live")}
+    check_finite([row(n_live=0, **nan_live)])
+
+
+def test_standard_errors_may_be_nan_with_a_single_passage():
+    check_finite([row(n_passages=1, delta_ce_se=math.nan, kl_se=math.nan)])
+
+
+@pytest.mark.parametrize("key", ["mean_act_live", "delta_ce_live", "kl_live"])
+def test_a_nan_live_metric_with_live_positions_raises(key):
+    with pytest.raises(NonFiniteMetricError, match=key):
+        check_finite([row(n_live=3, **{key: math.nan})])
+
+
+@pytest.mark.parametrize("key", ["delta_ce_se", "kl_se"])
+def test_a_nan_standard_error_with_several_passages_raises(key):
+    with pytest.raises(NonFiniteMetricError, match=key):
+        check_finite([row(n_passages=2, **{key: math.nan})])
+
+
+@pytest.mark.parametrize("key", ["mean_act_live", "kl_live", "delta_ce_se", "kl_se"])
+def test_an_infinite_value_raises_even_where_nan_is_allowed(key):
+    with pytest.raises(NonFiniteMetricError, match=key):
+        check_finite([row(n_live=0, n_passages=1, **{key: math.inf})])
+
+
+@pytest.mark.parametrize("key", [k for k in FLOAT_METRICS
+                                 if k not in NAN_ALLOWED_WHEN_NO_LIVE + NAN_ALLOWED_ONE_PASSAGE])
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+def test_a_non_finite_core_metric_raises_whatever_the_counts(key, value):
+    with pytest.raises(NonFiniteMetricError, match=key):
+        check_finite([row(n_live=0, n_passages=1, **{key: value})])
+
+
+def test_the_error_names_layer_feature_alpha_and_key_of_the_offending_row():
+    rows = [row(layer=3, feature=11, alpha=1.0), row(layer=3, feature=42, alpha=0.5, kl=math.nan)]
+    with pytest.raises(NonFiniteMetricError) as info:
+        check_finite(rows)
+    message = str(info.value)
+    assert "layer 3" in message
+    assert "feature 42" in message
+    assert "alpha 0.5" in message
+    assert "kl is nan" in message
+    assert "feature 11" not in message
+    assert isinstance(info.value, UserError)  # printed as one line, without a traceback
+    assert "\n" not in message
+
+
+def test_check_finite_and_aggregate_sanity_allow_the_same_nans():
+    """What intervene lets through, aggregate's sanity block does not count as unexpected, and back."""
+    allowed = [
+        row(n_live=0, mean_act_live=math.nan, delta_ce_live=math.nan, kl_live=math.nan),
+        row(feature=2, n_passages=1, delta_ce_se=math.nan, kl_se=math.nan),
+    ]
+    check_finite(allowed)
+    assert sanity(pd.DataFrame(allowed), 1.0)["nan_values"] == 0
+
+    for bad in (row(kl_live=math.nan), row(kl_se=math.nan), row(n_live=0, n_passages=1, delta_ce=math.nan)):
+        with pytest.raises(NonFiniteMetricError):
+            check_finite([bad])
+        assert sanity(pd.DataFrame([bad]), 1.0)["nan_values"] == 1
