@@ -75,6 +75,9 @@ def residual_samples(snapshot: Path, tokenizer_json: str, text: str, hooks: list
     release asks for) makes every residual mean-zero over d_model, so the samples are centred too."""
     from tokenizers import Tokenizer
     from transformers import GPT2LMHeadModel
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
 
     tok = Tokenizer.from_str(tokenizer_json)
     ids = tok.encode(text).ids[: SAMPLE_PASSAGES * SAMPLE_LEN]
