@@ -1,5 +1,5 @@
-"""Every artifact of the pipeline: its path, written once, and the typed readers of the ones that
-stages hand to each other.
+"""Every artifact of the pipeline: its path, written once, and the typed reader and writer of each
+one that stages hand to each other.
 
 dvc.yaml names the same files (it cannot import Python); `tests/test_dvc_yaml.py` checks that the
 two agree. All paths are relative to the repository root, where DVC runs each stage. Stages read
@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline.errors import UserError
-from pipeline.io import read_json
+from pipeline.io import read_json, write_csv, write_json, write_npy
 
 if TYPE_CHECKING:
     import numpy as np
@@ -221,3 +221,32 @@ def read_per_feature() -> pd.DataFrame:
     import pandas as pd
 
     return pd.read_csv(need(PER_FEATURE, "aggregate"), keep_default_na=False, na_values=["", "nan", "NaN"])
+
+
+# ---- writers: each checks the artifact's shape before it is written (atomically, pipeline.io) ----
+
+def write_model_record(record: dict[str, Any]) -> ModelRecord:
+    """data/model.json; refused unless it reads back as a ModelRecord."""
+    typed = ModelRecord.from_dict(record)
+    write_json(MODEL_JSON, record)
+    return typed
+
+
+def write_tokens(tokens: np.ndarray, meta: dict[str, Any]) -> None:
+    """data/tokens.npy (int32 [passages, max_len]) and its record data/tokens.json."""
+    if tokens.dtype.name != "int32" or tokens.ndim != 2 or list(tokens.shape) != meta["tokens_shape"]:
+        raise ValueError(f"tokens must be int32 {meta['tokens_shape']}, got {tokens.dtype} {list(tokens.shape)}")
+    write_npy(TOKENS, tokens)
+    write_json(TOKENS_META, meta)
+
+
+def write_features(frame: pd.DataFrame) -> None:
+    if tuple(frame.columns) != FEATURE_COLUMNS:
+        raise ValueError(f"{FEATURES} needs the columns {FEATURE_COLUMNS}, got {tuple(frame.columns)}")
+    write_csv(FEATURES, frame)
+
+
+def write_per_feature(frame: pd.DataFrame) -> None:
+    if list(frame.columns) != PER_FEATURE_COLUMNS:
+        raise ValueError(f"{PER_FEATURE} needs the columns {PER_FEATURE_COLUMNS}, got {list(frame.columns)}")
+    write_csv(PER_FEATURE, frame)

@@ -21,3 +21,11 @@ def check_features_per_layer(config: Config, d_sae: dict[int, int]) -> None:
         if layer in d_sae and config.features_per_layer > d_sae[layer]:
             raise UserError(f"params.yaml: features_per_layer is {config.features_per_layer} but layer {layer}'s "
                             f"SAE has {d_sae[layer]} features")
+
+
+def check_layers_in_range(layers: tuple[int, ...] | list[int], n_layers: int) -> None:
+    """Every studied layer must exist in a model of `n_layers` blocks."""
+    bad = sorted({layer for layer in layers if layer >= n_layers})
+    if bad:
+        raise UserError(f"params.yaml: layers {bad} are out of range; the model has {n_layers} layers "
+                        f"(allowed 0..{n_layers - 1})")

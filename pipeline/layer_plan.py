@@ -25,6 +25,7 @@ from typing import Any
 
 import yaml
 
+from pipeline.checks import check_layers_in_range
 from pipeline.config import Config
 from pipeline.errors import UserError
 from pipeline.hooks import LayerPlan, hook_name, resume_index
@@ -158,12 +159,8 @@ def plan_layers(config: Config, n_layers: int | None = None) -> list[LayerPlan]:
     id_of, neuronpedia_of, where = available_saes(config)
     if n_layers is None:
         n_layers = model_n_layers(config)
-    bad = [layer for layer in config.layers if n_layers is not None and layer >= n_layers]
-    if bad:
-        raise UserError(
-            f"params.yaml: layers {bad} are out of range; the model has {n_layers} layers "
-            f"(allowed 0..{n_layers - 1})"
-        )
+    if n_layers is not None:
+        check_layers_in_range(config.layers, n_layers)
     plans = []
     for layer in config.layers:
         candidates = equivalent_hooks(config.hook, layer, n_layers)

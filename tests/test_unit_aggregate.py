@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from pipeline import artifacts
 from pipeline.artifacts import KL_TOLERANCE, PER_FEATURE_COLUMNS
 from pipeline.config import parse_params
 from pipeline.errors import UserError
@@ -25,14 +26,14 @@ from pipeline.stages.aggregate import (
 
 SWEEP = [0.0, 1.0, 2.0]
 # The artifacts as dvc.yaml names them, relative to the repository root.
-FEATURES_CSV = Path("data/features.csv")
-PER_FEATURE_CSV = Path("metrics/per_feature_metrics.csv")
-PER_LAYER_CSV = Path("metrics/per_layer_summary.csv")
-SUMMARY_JSON = Path("metrics/summary.json")
+FEATURES_CSV = artifacts.FEATURES
+PER_FEATURE_CSV = artifacts.PER_FEATURE
+PER_LAYER_CSV = artifacts.PER_LAYER
+SUMMARY_JSON = artifacts.SUMMARY
 
 
 def layer_csv(layer: int) -> Path:
-    return Path(f"metrics/layers/layer_{layer}.csv")
+    return artifacts.layer_metrics(layer)
 
 
 def metric_row(layer: int, feature: int, alpha: float, **overrides) -> dict:

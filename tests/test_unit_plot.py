@@ -3,31 +3,26 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
+from pipeline.artifacts import (
+    ALPHA_SWEEP_CSV,
+    DCE_VS_ALPHA_PNG,
+    KL_HEATMAP_CSV,
+    KL_HEATMAP_PNG,
+    KL_VS_ALPHA_PNG,
+    LAYER_DCE_CSV,
+    PLOTS,
+    headline_png,
+)
+from pipeline.artifacts import PER_FEATURE as PER_FEATURE_CSV
 from pipeline.config import parse_params
 from pipeline.errors import UserError
 from pipeline.io import write_csv
 from pipeline.stages import plot
-
-# The artifacts as dvc.yaml names them, relative to the repository root.
-PER_FEATURE_CSV = Path("metrics/per_feature_metrics.csv")
-PLOTS = Path("plots")
-LAYER_DCE_CSV = PLOTS / "layer_dce.csv"
-ALPHA_SWEEP_CSV = PLOTS / "alpha_sweep.csv"
-KL_HEATMAP_CSV = PLOTS / "kl_heatmap.csv"
-DCE_VS_ALPHA_PNG = PLOTS / "dce_vs_alpha.png"
-KL_VS_ALPHA_PNG = PLOTS / "kl_vs_alpha.png"
-KL_HEATMAP_PNG = PLOTS / "kl_heatmap.png"
-
-
-def headline_png(alpha: float) -> Path:
-    return PLOTS / f"layer_vs_dloss_alpha{alpha:g}.png"
-
 
 SWEEP = [0.0, 1.0, 2.0, 4.0]
 ALPHA = 2.0

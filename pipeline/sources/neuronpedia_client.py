@@ -12,6 +12,8 @@ makes none. 429s (honouring Retry-After), 5xx,
 timeouts and connection errors are retried with exponential backoff; whatever is still wrong after
 the last try, and any malformed or unexpected JSON, is one `UserError` line naming the URL and
 the status or field. The sleep between tries is injectable so tests never wait.
+
+Its ~310 lines are one protocol (request, retry, cache, payload validation) kept in one place.
 """
 
 from __future__ import annotations

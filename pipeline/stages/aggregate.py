@@ -146,7 +146,7 @@ def run_aggregate_stage(config: Config | StageParams) -> dict[str, Any]:
         per_feature = per_feature_table(config)
         per_layer = per_layer_table(per_feature)
         result = summary(per_feature, config, INTERVENTION_IDENTITY[config.intervention])
-        write_csv(artifacts.PER_FEATURE, per_feature)
+        artifacts.write_per_feature(per_feature)
         write_csv(artifacts.PER_LAYER, per_layer)
         write_json(artifacts.SUMMARY, result)
     return result

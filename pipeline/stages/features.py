@@ -14,7 +14,6 @@ from pipeline.artifacts import ModelRecord
 from pipeline.checks import check_features_per_layer
 from pipeline.config import Config
 from pipeline.errors import UserError
-from pipeline.io import write_csv
 from pipeline.loading import load_study_model, load_study_sae, resolve_device
 from pipeline.runinfo import device_description, stage_record
 from pipeline.sources.selection import FeatureChoice
@@ -65,5 +64,5 @@ def run_features_stage(config: Config | StageParams) -> pd.DataFrame:
         record["device"] = device_description(resolve_device(config.device))
         choices = select_features(config, model_record)
         frame = pd.DataFrame([c.row() for c in choices], columns=list(artifacts.FEATURE_COLUMNS))
-        write_csv(artifacts.FEATURES, frame)
+        artifacts.write_features(frame)
     return frame

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from pipeline import artifacts, hub
+from pipeline.checks import check_layers_in_range
 from pipeline.config import Config
 from pipeline.errors import UserError
 from pipeline.io import atomic_dir, read_json, sha256_file, write_json
@@ -77,10 +78,7 @@ def run_model_stage(config: Config | StageParams) -> dict[str, Any]:
             repo = _official_repo(config.model)
             hub.ensure_available([hub.HubFile(repo, name) for name in hub.MODEL_FILES], f"model {config.model}")
         model = load_model(config.model, device, "float32", model_kwargs)
-        too_deep = sorted({layer for layer in (*checked.layers, *(p.layer for p in plans)) if layer >= model.cfg.n_layers})
-        if too_deep:
-            raise UserError(f"params.yaml: layers {too_deep} are out of range; {config.model} has "
-                            f"{model.cfg.n_layers} layers (allowed 0..{model.cfg.n_layers - 1})")
+        check_layers_in_range([*checked.layers, *(p.layer for p in plans)], model.cfg.n_layers)
 
         after_loading(checked, model.cfg.n_ctx, {p.layer: int(saes[p.layer].cfg.d_sae) for p in plans}, plans)
         layers = [_layer_entry(config, p, saes[p.layer], model, sae_files.get(p.layer, [])) for p in plans]
@@ -95,7 +93,7 @@ def run_model_stage(config: Config | StageParams) -> dict[str, Any]:
         }
         write_json(artifacts.preset_dir(config.preset) / "sae_configs.json",
                    {str(p.layer): saes[p.layer].cfg.to_dict() for p in plans})
-        write_json(artifacts.MODEL_JSON, resolved)
+        artifacts.write_model_record(resolved)
     return resolved
 
 

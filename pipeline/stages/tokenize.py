@@ -16,7 +16,6 @@ from pipeline.checks import check_max_len
 from pipeline.config import Config
 from pipeline.corpus import load_corpus, make_windows, sample_windows
 from pipeline.errors import UserError
-from pipeline.io import write_json, write_npy
 from pipeline.runinfo import stage_record
 from pipeline.stage_params import StageParams
 from pipeline.tokenizer import study_tokenizer
@@ -53,7 +52,6 @@ def run_tokenize_stage(config: Config | StageParams) -> dict[str, Any]:
             "window_indices": chosen.tolist(),
             "tokens_shape": list(tokens.shape),
         }
-        write_npy(artifacts.TOKENS, tokens)
-        write_json(artifacts.TOKENS_META, meta)
+        artifacts.write_tokens(tokens, meta)
         record.update(n_tokens=int(ids.size), n_windows=int(len(windows)))
     return meta
