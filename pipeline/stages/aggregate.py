@@ -25,7 +25,7 @@ from pipeline.io import write_csv, write_json
 from pipeline.runinfo import stage_record
 from pipeline.stage_params import StageParams
 
-# The params this stage reads (its dvc.yaml params; tests/test_dvc_yaml.py checks they agree).
+# The params this stage reads (its dvc.yaml params; tests/test_stage_deps.py checks they agree).
 PARAMS = ("layers", "alpha", "alpha_sweep", "intervention")
 
 

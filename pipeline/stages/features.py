@@ -20,7 +20,7 @@ from pipeline.sources.selection import FeatureChoice
 from pipeline.stage_params import StageParams
 from pipeline.tokenizer import study_tokenizer
 
-# The params this stage reads (its dvc.yaml params; tests/test_dvc_yaml.py checks they agree).
+# The params this stage reads (its dvc.yaml params; tests/test_stage_deps.py checks they agree).
 PARAMS = ("preset", "feature_source", "features_csv", "features_per_layer", "layers", "seed", "min_density",
           "max_density", "neuronpedia_max_fetch", "batch_size", "device", "dtype")
 

@@ -33,7 +33,7 @@ from pipeline.runinfo import device_description, stage_record
 from pipeline.stage_params import StageParams
 from pipeline.tokenizer import study_tokenizer
 
-# The params this stage reads (its dvc.yaml params; tests/test_dvc_yaml.py checks they agree).
+# The params this stage reads (its dvc.yaml params; tests/test_stage_deps.py checks they agree).
 PARAMS = ("alpha", "alpha_sweep", "intervention", "live_percentile", "top_k_tokens", "n_snippets", "batch_size",
           "device", "dtype")
 

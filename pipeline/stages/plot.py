@@ -26,7 +26,7 @@ from pipeline.io import atomic_path, write_csv  # noqa: E402
 from pipeline.runinfo import stage_record  # noqa: E402
 from pipeline.stage_params import StageParams  # noqa: E402
 
-# The params this stage reads (its dvc.yaml params; tests/test_dvc_yaml.py checks they agree).
+# The params this stage reads (its dvc.yaml params; tests/test_stage_deps.py checks they agree).
 PARAMS = ("alpha", "plot_dpi")
 
 

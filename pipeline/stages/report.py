@@ -24,7 +24,7 @@ from pipeline.report.inputs import load_inputs
 from pipeline.report.render import choose_renderer, describe, external_resources, render
 from pipeline.stage_params import StageParams
 
-# The params this stage reads (its dvc.yaml params; tests/test_dvc_yaml.py checks they agree).
+# The params this stage reads (its dvc.yaml params; tests/test_stage_deps.py checks they agree).
 PARAMS = ("alpha", "layers", "live_percentile")
 
 STYLESHEET = Path(__file__).resolve().parents[1] / "report" / "report.css"

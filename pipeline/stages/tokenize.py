@@ -20,7 +20,7 @@ from pipeline.runinfo import stage_record
 from pipeline.stage_params import StageParams
 from pipeline.tokenizer import study_tokenizer
 
-# The params this stage reads (its dvc.yaml params; tests/test_dvc_yaml.py checks they agree).
+# The params this stage reads (its dvc.yaml params; tests/test_stage_deps.py checks they agree).
 PARAMS = ("preset", "corpus", "max_passages", "max_len", "seed")
 
 
