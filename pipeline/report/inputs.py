@@ -59,23 +59,12 @@ class ReportInputs:
         return self.model.preset == "toy"
 
 
-def _need(path: Path, stage: str) -> Path:
-    if not path.exists():
-        raise UserError(f"{path} not found; run the {stage} stage first (`dvc repro {stage}`)")
-    return path
-
-
-def _read_csv(path: Path) -> pd.DataFrame:
-    # Empty cells are NaN, but a token or label that reads "NA" or "null" stays text.
-    return pd.read_csv(path, keep_default_na=False, na_values=["", "nan", "NaN"])
-
-
 def load_inputs(config: Config) -> ReportInputs:
-    model = ModelRecord.from_dict(read_json(_need(artifacts.MODEL_JSON, "model")))
-    tokens = read_json(_need(artifacts.TOKENS_META, "tokenize"))
+    model = ModelRecord.from_dict(read_json(artifacts.need(artifacts.MODEL_JSON, "model")))
+    tokens = read_json(artifacts.need(artifacts.TOKENS_META, "tokenize"))
     features = artifacts.read_features()
     per_feature = artifacts.read_per_feature()
-    summary = read_json(_need(artifacts.SUMMARY, "aggregate"))
+    summary = read_json(artifacts.need(artifacts.SUMMARY, "aggregate"))
 
     have_layers = sorted(int(x) for x in per_feature["layer"].unique())
     if have_layers != sorted(config.layers):
@@ -87,17 +76,17 @@ def load_inputs(config: Config) -> ReportInputs:
 
     details = {}
     for layer in config.layers:
-        path = _need(artifacts.layer_detail(layer), f"intervene@{layer}")
+        path = artifacts.need(artifacts.layer_detail(layer), f"intervene@{layer}")
         details[layer] = read_json(path)
         if float(details[layer].get("alpha", config.alpha)) != config.alpha:
             raise UserError(f"{path} holds snippets at alpha {details[layer]['alpha']:g} but params alpha is "
                             f"{config.alpha:g}; it is stale: rerun `dvc repro intervene@{layer}`")
 
     figures = {
-        "headline": _need(artifacts.headline_png(config.alpha), "plot"),
-        "dce_vs_alpha": _need(artifacts.DCE_VS_ALPHA_PNG, "plot"),
-        "kl_vs_alpha": _need(artifacts.KL_VS_ALPHA_PNG, "plot"),
-        "kl_heatmap": _need(artifacts.KL_HEATMAP_PNG, "plot"),
+        "headline": artifacts.need(artifacts.headline_png(config.alpha), "plot"),
+        "dce_vs_alpha": artifacts.need(artifacts.DCE_VS_ALPHA_PNG, "plot"),
+        "kl_vs_alpha": artifacts.need(artifacts.KL_VS_ALPHA_PNG, "plot"),
+        "kl_heatmap": artifacts.need(artifacts.KL_HEATMAP_PNG, "plot"),
     }
 
     stages = ["model", "tokenize", "features", *(f"intervene_{layer}" for layer in config.layers), "aggregate", "plot"]
