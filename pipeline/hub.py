@@ -38,6 +38,13 @@ def go_offline() -> None:
         pass
 
 
+def offline_for(model_source: str) -> None:
+    """Later stages read a hub model's snapshot from the cache only (no request): the one the
+    model stage resolved and recorded."""
+    if model_source == "hub":
+        go_offline()
+
+
 @dataclass(frozen=True)
 class HubFile:
     repo_id: str

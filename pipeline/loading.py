@@ -203,13 +203,11 @@ def sae_model_kwargs(saes: list[SAE]) -> dict[str, Any]:
 
 def load_study_model(record: ModelRecord, device: torch.device, dtype: str) -> HookedTransformer:
     """The model data/model.json records; a hub model from the Hugging Face cache only."""
-    if record.model.source == "hub":
-        hub.go_offline()
+    hub.offline_for(record.model.source)
     return load_model(record.model.name, device, dtype, record.model.from_pretrained_kwargs)
 
 
 def load_study_sae(record: ModelRecord, layer: int, device: torch.device, dtype: str) -> SAE:
     """Layer `layer`'s SAE as data/model.json records it; from the Hugging Face cache only."""
-    if record.model.source == "hub":
-        hub.go_offline()
+    hub.offline_for(record.model.source)
     return load_sae(record.sae_release, record.layer(layer).plan(), device, dtype)

@@ -90,8 +90,7 @@ def tokenizer_from_spec(spec: dict[str, Any]) -> Tokenizer:
 def study_tokenizer(record) -> Tokenizer:
     """The tokenizer data/model.json (a pipeline.artifacts.ModelRecord) records; a hub tokenizer is
     read from the Hugging Face cache only."""
-    if record.model.source == "hub":
-        from pipeline import hub
+    from pipeline import hub
 
-        hub.go_offline()
+    hub.offline_for(record.model.source)
     return tokenizer_from_spec(record.tokenizer)
