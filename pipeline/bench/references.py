@@ -102,6 +102,20 @@ def definition_hook(encode: Callable[[torch.Tensor], torch.Tensor], direction: t
     return hook
 
 
+def control_hook(encode: Callable[[torch.Tensor], torch.Tensor], direction: torch.Tensor, control: torch.Tensor,
+                 intervention: str, value: float):
+    """design.md's random-direction control: where the feature's hook would add delta_t, add ||delta_t|| * u
+    (u = `control`, a unit vector [d_model]) instead, at every position but BOS."""
+
+    def hook(resid, hook):  # noqa: ARG001
+        delta = activation_shift(intervention, encode(resid), value)[..., None] * direction
+        out = resid + delta.norm(dim=-1, keepdim=True) * control
+        out[:, 0] = resid[:, 0]
+        return out
+
+    return hook
+
+
 def model_in(model, dtype: torch.dtype):
     """`model` itself if it runs in `dtype`, else a copy of it (same class, config and weights) that does."""
     if model.cfg.dtype == dtype:
@@ -142,14 +156,17 @@ def definition_live(acts: np.ndarray, live_percentile: float) -> tuple[float, np
 @torch.inference_mode()
 def float64_reference(model, sae, tokens: torch.Tensor, hook: str, features: list[int], values: Sequence[float],
                       batch_size: int, *, intervention: str = "scale", dtype: torch.dtype = torch.float64,
-                      live_percentile: float | None = None) -> dict[str, np.ndarray]:
+                      live_percentile: float | None = None, controls: torch.Tensor | None = None
+                      ) -> dict[str, np.ndarray]:
     """The definition: full forward passes with the delta added by a hook at `hook`, logits and metrics in float64.
 
     The forward passes run in `dtype`, float64 unless asked (on copies of the model and SAE; a model already in
     `dtype` runs as is). Returns ce_clean [n, t-2], ce_int and kl [features, values, n, t-2] and the features'
     activations `acts` [n, t, features] (float32, as the engine reports them). With `live_percentile`, also
     `mean_logit_delta` [features, values, d_vocab]: the intervention's change of the centred logits, averaged
-    over the feature's live positions (NaN where it has none).
+    over the feature's live positions (NaN where it has none). With `controls` (unit vectors [features, draws,
+    d_model]), each variant runs with `control_hook` instead, once per draw, and ce_int / kl are
+    [features, values, draws, n, t-2].
     """
     ref_model = model_in(model, dtype)
     encode, directions = feature_encoder(sae, features, dtype)
@@ -159,6 +176,9 @@ def float64_reference(model, sae, tokens: torch.Tensor, hook: str, features: lis
     kl = np.empty_like(ce_int)
     acts = np.empty((n, t, len(features)), dtype=np.float32)
     batches = [tokens[b0:b0 + batch_size] for b0 in range(0, n, batch_size)]
+    if controls is not None:
+        ce_ctrl = np.empty((len(features), len(values), controls.shape[1], n, t - 2))
+        kl_ctrl = np.empty_like(ce_ctrl)
     live = None
     if live_percentile is not None:  # the live set needs every passage's activations before the first variant
         for b0, tok in zip(range(0, n, batch_size), batches, strict=True):
@@ -175,6 +195,14 @@ def float64_reference(model, sae, tokens: torch.Tensor, hook: str, features: lis
         ce_clean[b0:b0 + len(tok)] = (-lp_c.gather(-1, nxt)[..., 0]).cpu().numpy()
         for fi in range(len(features)):
             for ai, value in enumerate(values):
+                if controls is not None:
+                    for r in range(controls.shape[1]):
+                        ctrl = control_hook(lambda x, fi=fi: encode(x)[..., fi], directions[fi],
+                                            controls[fi, r].to(directions), intervention, value)
+                        lp_i = torch.log_softmax(ref_model.run_with_hooks(tok, fwd_hooks=[(hook, ctrl)]).double()[:, 1:-1], -1)
+                        ce_ctrl[fi, ai, r, b0:b0 + len(tok)] = (-lp_i.gather(-1, nxt)[..., 0]).cpu().numpy()
+                        kl_ctrl[fi, ai, r, b0:b0 + len(tok)] = (lp_c.exp() * (lp_c - lp_i)).sum(-1).cpu().numpy()
+                    continue
                 add = definition_hook(lambda r, fi=fi: encode(r)[..., fi], directions[fi], intervention, value)
                 intv = ref_model.run_with_hooks(tok, fwd_hooks=[(hook, add)]).double()
                 lp_i = torch.log_softmax(intv[:, 1:-1], -1)
@@ -186,6 +214,8 @@ def float64_reference(model, sae, tokens: torch.Tensor, hook: str, features: lis
                     mask = torch.from_numpy(live[fi][b0:b0 + len(tok)]).to(logit_delta.device)
                     delta_sum[fi, ai] += logit_delta[mask].sum(0).cpu().numpy()
     out = {"ce_clean": ce_clean, "ce_int": ce_int, "kl": kl, "acts": acts}
+    if controls is not None:
+        out.update(ce_int=ce_ctrl, kl=kl_ctrl)
     if live is not None:
         n_live = np.array([m.sum() for m in live], dtype=np.float64)[:, None, None]
         with np.errstate(invalid="ignore", divide="ignore"):
