@@ -61,7 +61,16 @@ FEATURE_COLUMNS = (
 # metrics/per_feature_metrics.csv, as `aggregate` writes it and `plot` and `report` read it.
 PER_FEATURE_COLUMNS = [
     "layer", "feature", "label", "alpha", "intervention", "is_headline",
-    "delta_ce", "delta_ce_se", "kl", "kl_se", "delta_ce_live", "kl_live",
+    "delta_ce_live", "delta_ce_live_se", "delta_ce_live_lo", "delta_ce_live_hi",
+    "kl_live", "kl_live_se", "kl_live_lo", "kl_live_hi",
+    "p_delta_ce_live", "min_p_delta_ce_live", "p_adj_delta_ce_live", "testable", "significant",
+    "ctrl_delta_ce_live", "ctrl_kl_live", "specificity", "p_specific", "min_p_specific", "p_adj_specific",
+    "testable_specific", "more_specific",
+    "dose_rel_norm", "push_max_act",
+    "delta_ce", "delta_ce_se", "delta_ce_lo", "delta_ce_hi", "kl", "kl_se", "kl_lo", "kl_hi",
+    "ctrl_delta_ce", "ctrl_kl",
+    "sae_context_size", "frac_live_beyond_ctx", "delta_ce_live_in_ctx", "kl_live_in_ctx",
+    "n_docs", "n_docs_live", "n_passages_live", "n_docs_firing", "n_passages_firing",
     "n_live", "frac_live", "mean_act_live", "live_threshold", "ce_clean", "ce_int",
     "density", "max_act", "source_density", "source_max_act",
     "top_promoted", "top_suppressed", "np_pos_tokens", "np_neg_tokens",

@@ -6,16 +6,25 @@ dropped); each window gets BOS prepended, so every passage has exactly `max_len`
 padding. `max_passages` windows are drawn without replacement with `numpy.random.default_rng(seed)`
 and kept in corpus order; their indices are recorded in data/tokens.json.
 
+Documents: each passage is assigned the document that holds most of its tokens (ties: the earlier
+one), recorded in data/tokens.json. Documents are the unit the statistics resample, since
+consecutive windows of one article are not independent.
+
 Corpora:
 - `wikitext-2`: WikiText-2 raw, test split (`Salesforce/wikitext`, `wikitext-2-raw-v1`) via
-  `datasets`; its rows are lines that already end in a newline, so they join with "".
+  `datasets`; its rows are lines that already end in a newline, so they join with "". Documents:
+  the articles, each starting at its ` = Title = ` heading line (one `=` each side; ` = = Section = = `
+  lines are sections within an article).
 - `python-docs`: the Python reference documentation that ships with CPython
   (`pydoc_data.topics`, ~0.8 MB of English prose and code); the toy preset's offline corpus.
-- a path to a UTF-8 `.txt` file: your own text.
+  Documents: the topics.
+- a path to a UTF-8 `.txt` file: your own text. Documents: as WikiText's, at ` = Title = ` heading
+  lines; a file without any is one document.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,11 +37,16 @@ WIKITEXT = ("Salesforce/wikitext", "wikitext-2-raw-v1", "test")
 CORPORA = ("wikitext-2", "python-docs")
 
 
+# A WikiText article heading: " = Title = " on a line of its own (sections are " = = Section = = ").
+ARTICLE_HEADING = re.compile(r"^ = (?!=)[^\n]*?(?<!=) = ?$", re.MULTILINE)
+
+
 @dataclass(frozen=True)
 class CorpusText:
     name: str
     text: str
     source: str  # where it came from, for the record
+    doc_starts: tuple[int, ...] = (0,)  # character offset where each document begins; the first is 0
 
     @property
     def sha256(self) -> str:
@@ -48,7 +62,8 @@ def load_corpus(name: str) -> CorpusText:
     if path.suffix == ".txt":
         if not path.is_file():
             raise UserError(f"params.yaml: corpus file {path} does not exist")
-        return CorpusText(name, path.read_text(encoding="utf-8"), f"file {path}")
+        text = path.read_text(encoding="utf-8")
+        return CorpusText(name, text, f"file {path}", heading_starts(text))
     raise UserError(f"params.yaml: corpus '{name}' is unknown; allowed: {', '.join(CORPORA)} or a .txt file path")
 
 
@@ -67,7 +82,15 @@ def _wikitext2() -> CorpusText:
             f"cache ({type(exc).__name__}{': ' + detail if detail else ''}); connect to the internet once, "
             "or run offline with `dvc exp run -S preset=toy`"
         ) from None
-    return CorpusText("wikitext-2", "".join(rows["text"]), f"hf datasets {repo} {config} {split}")
+    text = "".join(rows["text"])
+    return CorpusText("wikitext-2", text, f"hf datasets {repo} {config} {split}", heading_starts(text))
+
+
+def heading_starts(text: str) -> tuple[int, ...]:
+    """Document starts of a text whose articles begin at ` = Title = ` lines (text before the first heading,
+    if any, is a document of its own)."""
+    starts = sorted({0, *(m.start() for m in ARTICLE_HEADING.finditer(text))})
+    return tuple(starts)
 
 
 def _python_docs() -> CorpusText:
@@ -76,10 +99,15 @@ def _python_docs() -> CorpusText:
     except ImportError:
         raise UserError("this Python has no pydoc_data module, which the python-docs corpus reads") from None
     # Sorted keys make the text independent of dict order; topics end without a newline.
-    text = "\n\n".join(topics[k].strip("\n") for k in sorted(topics)) + "\n"
+    parts = [topics[k].strip("\n") for k in sorted(topics)]
+    text = "\n\n".join(parts) + "\n"
+    starts, offset = [], 0
+    for part in parts:
+        starts.append(offset)
+        offset += len(part) + 2
     import sys
 
-    return CorpusText("python-docs", text, f"pydoc_data.topics of Python {sys.version.split()[0]}")
+    return CorpusText("python-docs", text, f"pydoc_data.topics of Python {sys.version.split()[0]}", tuple(starts))
 
 
 def make_windows(token_ids: np.ndarray, max_len: int, bos: int) -> np.ndarray:
@@ -102,3 +130,19 @@ def sample_windows(n_windows: int, max_passages: int, seed: int, corpus: str) ->
         )
     rng = np.random.default_rng(seed)
     return np.sort(rng.choice(n_windows, size=max_passages, replace=False))
+
+
+def window_documents(token_starts: np.ndarray, doc_starts: tuple[int, ...], n_windows: int, max_len: int
+                     ) -> np.ndarray:
+    """The document of each window (int64 [n_windows]): the one holding most of its tokens, ties to the earlier.
+
+    `token_starts[k]` is the character offset where token k begins."""
+    width = max_len - 1
+    doc_of_token = np.searchsorted(np.asarray(doc_starts), token_starts[: n_windows * width], side="right") - 1
+    per_window = doc_of_token.reshape(n_windows, width)
+    first = per_window[:, 0]
+    # a window spans few documents: count how many of its tokens fall in each, from its first document on
+    offsets = per_window - first[:, None]
+    counts = np.zeros((n_windows, int(offsets.max(initial=0)) + 1), dtype=np.int64)
+    np.add.at(counts, (np.repeat(np.arange(n_windows), width), offsets.reshape(-1)), 1)
+    return first + counts.argmax(axis=1)

@@ -17,6 +17,8 @@ class Tokenizer(Protocol):
 
     def encode(self, text: str) -> list[int]: ...
 
+    def encode_with_starts(self, text: str) -> tuple[list[int], list[int]]: ...
+
     def token_str(self, token_id: int) -> str: ...
 
 
@@ -28,6 +30,13 @@ class ByteTokenizer:
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
+
+    def encode_with_starts(self, text: str) -> tuple[list[int], list[int]]:
+        """The tokens and, for each, the offset of the character its byte belongs to."""
+        data = text.encode("utf-8")
+        widths = [len(ch.encode("utf-8")) for ch in text]
+        starts = [i for i, w in enumerate(widths) for _ in range(w)]
+        return list(data), starts
 
     def token_str(self, token_id: int) -> str:
         if token_id == self.bos_token_id:
@@ -65,6 +74,11 @@ class HFTokenizer:
 
     def encode(self, text: str) -> list[int]:
         return list(self._tok(text, add_special_tokens=False)["input_ids"])
+
+    def encode_with_starts(self, text: str) -> tuple[list[int], list[int]]:
+        """The tokens of `encode` and the character offset where each begins (the fast tokenizer's offsets)."""
+        out = self._tok(text, add_special_tokens=False, return_offsets_mapping=True)
+        return list(out["input_ids"]), [start for start, _ in out["offset_mapping"]]
 
     def token_str(self, token_id: int) -> str:
         return self._tok.decode([int(token_id)])

@@ -13,9 +13,11 @@ import pytest
 from pipeline import artifacts
 from pipeline.artifacts import KL_TOLERANCE, PER_FEATURE_COLUMNS
 from pipeline.config import parse_params
+from pipeline.engine.inference import INFERENCE_COLUMNS
 from pipeline.errors import UserError
 from pipeline.io import read_json, write_csv
 from pipeline.stages.aggregate import (
+    add_study_tests,
     load_layer_tables,
     per_feature_table,
     per_layer_table,
@@ -51,12 +53,20 @@ def metric_row(layer: int, feature: int, alpha: float, **overrides) -> dict:
         "mean_act_live": 1.5, "delta_ce_live": 2 * delta, "kl_live": 3 * kl,
         "density": 0.2, "max_act": 3.0, "top_promoted": "[]", "top_suppressed": "[]",
     }
+    row.update({key: float(rng.uniform(0.01, 0.02)) for key in INFERENCE_COLUMNS})  # intervals, dose, ...
+    row.update(n_docs=4, n_docs_live=3, n_passages_live=3, n_docs_firing=4, n_passages_firing=4,
+               sae_context_size=128.0, ctrl_kl_live=1.5 * kl, ctrl_delta_ce_live=0.5 * delta,
+               specificity=2.0 if kl else math.nan,
+               p_delta_ce_live=1.0 if alpha == 1.0 else float(rng.uniform(0, 0.02)), min_p_delta_ce_live=1e-4,
+               p_specific=1.0 if alpha == 1.0 else float(rng.uniform(0, 0.5)), min_p_specific=1e-4)
     row.update(overrides)
     return row
 
 
 def table(layers=(3, 5), features=(10, 11, 12), alphas=SWEEP) -> pd.DataFrame:
-    return pd.DataFrame([metric_row(layer, f, a) for layer in layers for f in features for a in alphas])
+    """A per-feature table as aggregate makes it: per-layer rows, then the study-wide tests."""
+    rows = pd.DataFrame([metric_row(layer, f, a) for layer in layers for f in features for a in alphas])
+    return add_study_tests(rows, 1.0)
 
 
 def config(**overrides):
@@ -145,16 +155,16 @@ def test_sanity_allows_nan_live_metrics_only_where_no_position_is_live():
     assert sanity(per_feature, 1.0)["nan_values"] == 1
 
 
-def test_sanity_allows_nan_standard_errors_only_for_a_single_passage():
+def test_sanity_allows_nan_standard_errors_only_for_a_single_document():
     per_feature = table()
     one = per_feature.index[0]
     per_feature.loc[one, ["delta_ce_se", "kl_se"]] = math.nan
-    per_feature.loc[one, "n_passages"] = 1
+    per_feature.loc[one, "n_docs"] = 1
     assert sanity(per_feature, 1.0)["nan_values"] == 0
 
-    two = per_feature.index[1]  # two passages: a standard error exists
+    two = per_feature.index[1]  # two documents: a standard error exists
     per_feature.loc[two, ["delta_ce_se", "kl_se"]] = math.nan
-    per_feature.loc[two, "n_passages"] = 2
+    per_feature.loc[two, "n_docs"] = 2
     assert sanity(per_feature, 1.0)["nan_values"] == 2
 
 
@@ -235,7 +245,8 @@ def test_summary_of_a_single_layer_has_per_layer_means_equal_to_the_headline_mea
     out = summary(per_feature, config(layers=[5]), 1.0)
     assert out["n_layers"] == 1
     assert list(out["per_layer"]) == ["layer_5"]
-    assert out["per_layer"]["layer_5"] == {"delta_ce": out["mean_delta_ce"], "kl": out["mean_kl"]}
+    assert out["per_layer"]["layer_5"] == {"delta_ce": out["mean_delta_ce"], "kl": out["mean_kl"],
+                                           "delta_ce_live": out["mean_delta_ce_live"], "kl_live": out["mean_kl_live"]}
 
 
 def test_summary_live_means_are_none_when_no_feature_has_a_live_position_and_skip_silent_ones_otherwise():
@@ -342,3 +353,35 @@ def test_aggregate_refuses_a_layer_file_with_fewer_alphas_than_the_sweep_as_stal
     write_inputs([3, 5], alphas=(0.0, 2.0))
     with pytest.raises(UserError, match="stale"):
         load_layer_tables(config())
+
+
+# ---- the study-wide tests
+
+def test_holm_adjusts_across_every_layer_and_feature_and_skips_the_identity():
+    per_feature = table()
+    tests = per_feature[per_feature["alpha"] != 1.0]
+    m = len(tests)  # 2 layers x 3 features x 2 non-identity alphas
+    assert m == 12 and per_feature.loc[per_feature["alpha"] == 1.0, "p_adj_delta_ce_live"].isna().all()
+    smallest = tests["p_delta_ce_live"].idxmin()
+    assert per_feature.loc[smallest, "p_adj_delta_ce_live"] == pytest.approx(min(1.0, m * tests["p_delta_ce_live"].min()))
+    assert (tests["p_adj_delta_ce_live"] >= tests["p_delta_ce_live"]).all()
+    assert (per_feature["significant"] == (per_feature["p_adj_delta_ce_live"] <= 0.05)).all()
+
+
+def test_a_row_whose_smallest_possible_p_cannot_pass_holm_is_not_testable():
+    per_feature = table()
+    rows = per_feature.index[per_feature["alpha"] == 2.0]
+    raw = per_feature.drop(columns=["p_adj_delta_ce_live", "testable", "significant"])
+    raw.loc[rows[0], "min_p_delta_ce_live"] = 2.0 / 2 ** 3  # fires in 3 documents: p >= 0.25
+    out = add_study_tests(raw, 1.0)
+    assert not out.loc[rows[0], "testable"] and out.loc[rows[1], "testable"]
+
+
+def test_more_specific_needs_a_larger_live_kl_than_the_controls_and_an_adjusted_p():
+    per_feature = table()
+    raw = per_feature.copy()
+    row = raw.index[(raw["alpha"] == 2.0)][0]
+    raw.loc[row, ["p_specific", "ctrl_kl_live"]] = [1e-6, 0.5 * raw.loc[row, "kl_live"]]
+    assert add_study_tests(raw, 1.0).loc[row, "more_specific"]
+    raw.loc[row, "ctrl_kl_live"] = 2 * raw.loc[row, "kl_live"]  # the controls move the model more
+    assert not add_study_tests(raw, 1.0).loc[row, "more_specific"]

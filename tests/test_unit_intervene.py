@@ -9,7 +9,11 @@ import pytest
 
 from pipeline.errors import NonFiniteMetricError, UserError
 from pipeline.stages.aggregate import sanity
-from pipeline.stages.intervene import NAN_ALLOWED_ONE_PASSAGE, NAN_ALLOWED_WHEN_NO_LIVE, check_finite
+from pipeline.engine.inference import INFERENCE_COLUMNS
+from pipeline.stages.intervene import check_finite
+
+NAN_ALLOWED_WHEN_NO_LIVE = ("mean_act_live", "delta_ce_live", "kl_live")
+NAN_ALLOWED_FEW_DOCS = ("delta_ce_se", "kl_se")
 
 FLOAT_METRICS = ("ce_clean", "ce_int", "delta_ce", "delta_ce_se", "kl", "kl_se", "live_threshold", "frac_live",
                  "mean_act_live", "delta_ce_live", "kl_live", "density", "max_act")
@@ -18,7 +22,8 @@ FLOAT_METRICS = ("ce_clean", "ce_int", "delta_ce", "delta_ce_se", "kl", "kl_se",
 def row(layer: int = 6, feature: int = 1234, alpha: float = 0.5, **overrides) -> dict:
     out = {"layer": layer, "feature": feature, "alpha": alpha, "intervention": "scale", "is_headline": False,
            "n_passages": 8, "n_scored": 80, "n_live": 5, "top_promoted": "[]", "top_suppressed": "[]"}
-    out.update({key: 0.25 for key in FLOAT_METRICS})
+    out.update({key: 0.25 for key in FLOAT_METRICS + INFERENCE_COLUMNS})
+    out.update(n_docs=4, n_docs_live=3, sae_context_size=128.0, frac_live_beyond_ctx=0.2)
     out.update(overrides)
     return out
 
@@ -32,8 +37,22 @@ def test_live_metrics_may_be_nan_when_no_position_is_live():
     check_finite([row(n_live=0, **nan_live)])
 
 
-def test_standard_errors_may_be_nan_with_a_single_passage():
-    check_finite([row(n_passages=1, delta_ce_se=math.nan, kl_se=math.nan)])
+def test_standard_errors_may_be_nan_with_a_single_document():
+    check_finite([row(n_docs=1, n_docs_live=1, delta_ce_se=math.nan, kl_se=math.nan, kl_live_se=math.nan)])
+
+
+def test_live_intervals_may_be_nan_when_the_feature_fires_in_one_document_only():
+    check_finite([row(n_docs_live=1, kl_live_se=math.nan, delta_ce_live_lo=math.nan)])
+    with pytest.raises(NonFiniteMetricError, match="kl_live_se"):
+        check_finite([row(n_docs_live=2, kl_live_se=math.nan)])
+
+
+def test_control_columns_may_be_nan_only_when_controls_are_off():
+    off = {k: math.nan for k in ("ctrl_delta_ce", "ctrl_kl", "ctrl_delta_ce_live", "ctrl_kl_live", "specificity",
+                                 "p_specific", "min_p_specific")}
+    check_finite([row(**off)])
+    with pytest.raises(NonFiniteMetricError, match="ctrl_kl_live"):
+        check_finite([row(ctrl_kl_live=math.nan)])
 
 
 @pytest.mark.parametrize("key", ["mean_act_live", "delta_ce_live", "kl_live"])
@@ -43,23 +62,23 @@ def test_a_nan_live_metric_with_live_positions_raises(key):
 
 
 @pytest.mark.parametrize("key", ["delta_ce_se", "kl_se"])
-def test_a_nan_standard_error_with_several_passages_raises(key):
+def test_a_nan_standard_error_with_several_documents_raises(key):
     with pytest.raises(NonFiniteMetricError, match=key):
-        check_finite([row(n_passages=2, **{key: math.nan})])
+        check_finite([row(n_docs=2, **{key: math.nan})])
 
 
 @pytest.mark.parametrize("key", ["mean_act_live", "kl_live", "delta_ce_se", "kl_se"])
 def test_an_infinite_value_raises_even_where_nan_is_allowed(key):
     with pytest.raises(NonFiniteMetricError, match=key):
-        check_finite([row(n_live=0, n_passages=1, **{key: math.inf})])
+        check_finite([row(n_live=0, n_docs=1, **{key: math.inf})])
 
 
 @pytest.mark.parametrize("key", [k for k in FLOAT_METRICS
-                                 if k not in NAN_ALLOWED_WHEN_NO_LIVE + NAN_ALLOWED_ONE_PASSAGE])
+                                 if k not in NAN_ALLOWED_WHEN_NO_LIVE + NAN_ALLOWED_FEW_DOCS])
 @pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
 def test_a_non_finite_core_metric_raises_whatever_the_counts(key, value):
     with pytest.raises(NonFiniteMetricError, match=key):
-        check_finite([row(n_live=0, n_passages=1, **{key: value})])
+        check_finite([row(n_live=0, n_docs=1, **{key: value})])
 
 
 def test_the_error_names_layer_feature_alpha_and_key_of_the_offending_row():
@@ -80,12 +99,12 @@ def test_check_finite_and_aggregate_sanity_allow_the_same_nans():
     """What intervene lets through, aggregate's sanity block does not count as unexpected, and back."""
     allowed = [
         row(n_live=0, mean_act_live=math.nan, delta_ce_live=math.nan, kl_live=math.nan),
-        row(feature=2, n_passages=1, delta_ce_se=math.nan, kl_se=math.nan),
+        row(feature=2, n_docs=1, delta_ce_se=math.nan, kl_se=math.nan),
     ]
     check_finite(allowed)
     assert sanity(pd.DataFrame(allowed), 1.0)["nan_values"] == 0
 
-    for bad in (row(kl_live=math.nan), row(kl_se=math.nan), row(n_live=0, n_passages=1, delta_ce=math.nan)):
+    for bad in (row(kl_live=math.nan), row(kl_se=math.nan), row(n_live=0, n_docs=1, delta_ce=math.nan)):
         with pytest.raises(NonFiniteMetricError):
             check_finite([bad])
         assert sanity(pd.DataFrame([bad]), 1.0)["nan_values"] == 1

@@ -24,7 +24,7 @@ import torch
 
 from pipeline.engine.metrics import live_positions, variant_metrics
 
-COMPARED = ("ce_int", "delta_ce", "delta_ce_se", "kl", "kl_se", "delta_ce_live", "kl_live", "mean_act_live")
+COMPARED = ("ce_int", "delta_ce", "kl", "delta_ce_live", "kl_live", "mean_act_live")
 # Parameters with one slice per feature, and the dimension it is on, in the SAEs whose features are encoded
 # independently of each other (a TopK SAE's are not: its encode needs every feature).
 _PER_FEATURE_DIM = {"W_enc": 1, "b_enc": 0, "W_dec": 0, "threshold": 0}
@@ -229,14 +229,11 @@ def definition_metrics(ce_clean: np.ndarray, ce_int: np.ndarray, kl: np.ndarray,
     acts = acts.astype(np.float64)
     thr, live = definition_live(acts, live_percentile)
     d = ce_int - ce_clean
-    n = d.shape[0]
     return {
         "ce_clean": float(ce_clean.mean()),
         "ce_int": float(ce_int.mean()),
         "delta_ce": float(d.mean()),
-        "delta_ce_se": float(d.mean(1).std(ddof=1) / math.sqrt(n)),
         "kl": float(kl.mean()),
-        "kl_se": float(kl.mean(1).std(ddof=1) / math.sqrt(n)),
         "live_threshold": thr,
         "n_live": int(live.sum()),
         "frac_live": float(live.mean()),

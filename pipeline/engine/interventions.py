@@ -43,6 +43,10 @@ class Intervention:
         out[..., 0, :] = 0.0  # position 0 is BOS: never intervened on
         return out
 
+    def coefficient(self, acts: Float[Tensor, "*batch pos"], value: float | Tensor) -> Float[Tensor, "*batch pos"]:
+        """c_t with delta_t = c_t * direction: how far along the decoder row each position is pushed."""
+        return self.delta(acts, torch.ones(1, dtype=acts.dtype, device=acts.device), value)[..., 0]
+
     def changes(self, acts: Float[Tensor, "*batch pos"], value: float | Tensor) -> Bool[Tensor, "*batch pos"]:
         mask = self.changes_fn(acts, value).clone()
         mask[..., 0] = False

@@ -9,8 +9,7 @@ no next token. Every array here is [N, S] over those positions, column j holding
 - live positions: scored (n, t) with a_i(x_t) > max(0, q), q the `live_percentile`-th percentile
   (numpy's linear interpolation) of a_i over all scored positions; live means are NaN when no
   position is live, never 0
-- standard errors: the spread of per-passage means, std(ddof=1) / sqrt(N); every passage has the
-  same S positions, so the mean of per-passage means is the overall mean
+Uncertainty (by document, not passage) is pipeline.engine.inference's.
 """
 
 from __future__ import annotations
@@ -34,13 +33,6 @@ def live_positions(acts_scored: np.ndarray, percentile: float) -> LiveSet:
     return LiveSet(threshold=threshold, mask=acts_scored > threshold)
 
 
-def _se(per_passage: np.ndarray) -> float:
-    n = per_passage.shape[0]
-    if n < 2:
-        return math.nan
-    return float(per_passage.std(ddof=1) / math.sqrt(n))
-
-
 def _masked_mean(values: np.ndarray, mask: np.ndarray) -> float:
     return float(values[mask].mean()) if mask.any() else math.nan
 
@@ -60,9 +52,7 @@ def variant_metrics(ce_clean: np.ndarray, ce_int: np.ndarray, kl: np.ndarray,
         "ce_clean": float(ce_clean.mean()),
         "ce_int": float(ce_int.mean()),
         "delta_ce": float(delta.mean()),
-        "delta_ce_se": _se(delta.mean(axis=1)),
         "kl": float(kl.mean()),
-        "kl_se": _se(kl.mean(axis=1)),
         "live_threshold": live.threshold,
         "n_live": n_live,
         "frac_live": n_live / n_scored if n_scored else math.nan,

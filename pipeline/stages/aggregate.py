@@ -1,7 +1,10 @@
 """Stage `aggregate`: per-layer tables -> the study's tables and DVC metrics.
 
 - metrics/per_feature_metrics.csv: one row per (layer, feature, alpha), with the feature's label,
-  source and Neuronpedia link joined in;
+  source and Neuronpedia link joined in, and the study-wide tests: Holm-adjusted p-values over every
+  (layer, feature, alpha other than the identity) with a test (`p_adj_delta_ce_live`, `p_adj_specific`),
+  whether a row can be tested at all at this sample size (`testable`), and the verdicts at FWER 0.05
+  (`significant`, `more_specific`);
 - metrics/per_layer_summary.csv: per (layer, alpha), mean / std / min / max over the features;
 - metrics/summary.json: small, headline numbers at `alpha` plus sanity counts, for
   `dvc metrics diff`.
@@ -20,6 +23,8 @@ import pandas as pd
 from pipeline import artifacts
 from pipeline.config import Config
 from pipeline.engine.identity import INTERVENTION_IDENTITY
+from pipeline.engine.inference import INFERENCE_COLUMNS, nan_allowed
+from pipeline.engine.resampling import holm
 from pipeline.errors import UserError
 from pipeline.io import write_csv, write_json
 from pipeline.runinfo import stage_record
@@ -56,7 +61,30 @@ def per_feature_table(config: Config) -> pd.DataFrame:
         raise UserError(f"layer {row['layer']} feature {row['feature']} has metrics but is not in "
                         f"{artifacts.FEATURES}; rerun intervene@{row['layer']}")
     merged["is_headline"] = merged["alpha"] == config.alpha
+    merged = add_study_tests(merged, INTERVENTION_IDENTITY[config.intervention])
     return merged[artifacts.PER_FEATURE_COLUMNS].sort_values(["layer", "feature", "alpha"], kind="stable")
+
+
+FWER = 0.05  # the family-wise error rate the study's verdicts hold to (Holm)
+
+
+def add_study_tests(frame: pd.DataFrame, identity: float | None) -> pd.DataFrame:
+    """Holm-adjusted p-values across the whole study, one family per question (does the loss move; is the
+    feature's effect unlike its random controls'), each over the rows that are a test: a value other than
+    the intervention's identity, with a p-value. A row is `testable` when even its smallest achievable
+    p-value (few documents) could pass Holm's first threshold FWER / m."""
+    out = frame.copy()
+    is_test_row = out["alpha"] != identity if identity is not None else pd.Series(True, index=out.index)
+    for p_col, min_col, adj_col, test_col, verdict in (
+            ("p_delta_ce_live", "min_p_delta_ce_live", "p_adj_delta_ce_live", "testable", "significant"),
+            ("p_specific", "min_p_specific", "p_adj_specific", "testable_specific", "more_specific")):
+        p = out[p_col].where(is_test_row)
+        out[adj_col] = holm(p.to_numpy())
+        m = int(p.notna().sum())
+        out[test_col] = (out[min_col] <= FWER / m) & p.notna() if m else False
+        out[verdict] = out[adj_col] <= FWER
+    out["more_specific"] = out["more_specific"] & (out["kl_live"] > out["ctrl_kl_live"])
+    return out
 
 
 def per_layer_table(per_feature: pd.DataFrame) -> pd.DataFrame:
@@ -74,27 +102,29 @@ def per_layer_table(per_feature: pd.DataFrame) -> pd.DataFrame:
         kl_max=("kl", "max"),
         delta_ce_live_mean=("delta_ce_live", "mean"),
         kl_live_mean=("kl_live", "mean"),
+        ctrl_kl_live_mean=("ctrl_kl_live", "mean"),
+        specificity_median=("specificity", "median"),
+        n_significant=("significant", "sum"),
+        n_more_specific=("more_specific", "sum"),
         frac_live_mean=("frac_live", "mean"),
     )
     return out.reset_index()
 
 
-METRIC_COLUMNS = ["ce_clean", "ce_int", "delta_ce", "delta_ce_se", "kl", "kl_se", "live_threshold", "n_live",
+METRIC_COLUMNS = ["ce_clean", "ce_int", "delta_ce", "delta_ce_se", "kl", "kl_se", *INFERENCE_COLUMNS, "live_threshold",
+                  "n_live",
                   "frac_live", "mean_act_live", "delta_ce_live", "kl_live", "density", "max_act"]
 
 
 def sanity(per_feature: pd.DataFrame, identity: float | None) -> dict[str, Any]:
     """Checks computed from the data: they belong in the report next to the numbers.
 
-    NaN is allowed by definition only in the live-position means when no position is live, and
-    in the standard errors of a single passage; anything else is counted as unexpected."""
-    metrics = per_feature[METRIC_COLUMNS]
-    allowed = pd.DataFrame(False, index=metrics.index, columns=metrics.columns)
+    NaN is allowed only where a column's definition makes it so (pipeline.engine.inference.nan_allowed, the
+    rule intervene checks too); anything else is counted as unexpected."""
+    metrics = per_feature[[c for c in METRIC_COLUMNS if c in per_feature]]
+    rules = nan_allowed(per_feature)
+    allowed = pd.DataFrame({c: rules[c] if c in rules else False for c in metrics.columns}, index=metrics.index)
     no_live = per_feature["n_live"] == 0
-    for col in ("delta_ce_live", "kl_live", "mean_act_live"):
-        allowed[col] = no_live
-    for col in ("delta_ce_se", "kl_se"):
-        allowed[col] = per_feature["n_passages"] < 2
     out: dict[str, Any] = {
         "nan_values": int((metrics.isna() & ~allowed).to_numpy().sum()),
         "nan_live_rows": int(no_live.sum()),
@@ -111,29 +141,48 @@ def sanity(per_feature: pd.DataFrame, identity: float | None) -> dict[str, Any]:
 
 
 def summary(per_feature: pd.DataFrame, config: Config, identity: float | None) -> dict[str, Any]:
+    """The headline at `alpha`: effects where the feature fires (live positions) first, the all-token means
+    beside them, and the study-wide test counts (every alpha), for `dvc metrics diff`."""
     head = per_feature[per_feature["alpha"] == config.alpha]
-    strongest = head.loc[head["kl"].idxmax()] if len(head) else None
 
     def r(x: float) -> float | None:
         return None if x is None or (isinstance(x, float) and math.isnan(x)) else float(f"{float(x):.6g}")
 
+    def strongest(column: str) -> dict[str, Any]:
+        rows = head[head[column].notna()]
+        if not len(rows):
+            return {"layer": None, "feature": None, column: None}
+        row = rows.loc[rows[column].idxmax()]
+        return {"layer": int(row["layer"]), "feature": int(row["feature"]), column: r(row[column])}
+
     per_layer = {
-        f"layer_{int(layer)}": {"delta_ce": r(g["delta_ce"].mean()), "kl": r(g["kl"].mean())}
+        f"layer_{int(layer)}": {"delta_ce_live": r(g["delta_ce_live"].mean()), "kl_live": r(g["kl_live"].mean()),
+                                "delta_ce": r(g["delta_ce"].mean()), "kl": r(g["kl"].mean())}
         for layer, g in head.groupby("layer")
     }
+    tests = per_feature[per_feature["p_adj_delta_ce_live"].notna()]
+    spec = per_feature[per_feature["p_adj_specific"].notna()]
     return {
         "alpha": config.alpha,
         "intervention": config.intervention,
         "n_layers": int(head["layer"].nunique()),
         "n_features": int(len(head)),
-        "mean_delta_ce": r(head["delta_ce"].mean()),
-        "mean_kl": r(head["kl"].mean()),
         "mean_delta_ce_live": r(head["delta_ce_live"].mean()),
         "mean_kl_live": r(head["kl_live"].mean()),
-        "max_kl": {
-            "layer": int(strongest["layer"]) if strongest is not None else None,
-            "feature": int(strongest["feature"]) if strongest is not None else None,
-            "kl": r(strongest["kl"]) if strongest is not None else None,
+        "mean_ctrl_kl_live": r(head["ctrl_kl_live"].mean()),
+        "median_specificity": r(head["specificity"].median()),
+        "mean_delta_ce": r(head["delta_ce"].mean()),
+        "mean_kl": r(head["kl"].mean()),
+        "max_kl_live": strongest("kl_live"),
+        "max_kl": strongest("kl"),
+        "tests": {
+            "method": "sign-flip by document, Holm-adjusted across the study",
+            "fwer": FWER,
+            "n_tests": int(len(tests)),
+            "n_testable": int(tests["testable"].sum()),
+            "n_significant": int(tests["significant"].sum()),
+            "n_specificity_tests": int(len(spec)),
+            "n_more_specific": int(spec["more_specific"].sum()),
         },
         "per_layer": per_layer,
         "sanity": sanity(per_feature, identity),

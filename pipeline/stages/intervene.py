@@ -1,7 +1,8 @@
 """Stage `intervene@L`: every selected feature of layer L x every value of the sweep.
 
 Writes metrics/layers/layer_L.csv (one row per feature x alpha, every metric of
-pipeline.engine.metrics) and data/detail/layer_L.json (per feature: top promoted/suppressed
+pipeline.engine.metrics and the intervals, tests, controls, dose and context columns of
+pipeline.engine.inference) and data/detail/layer_L.json (per feature: top promoted/suppressed
 tokens per alpha, the direct logit effect, and snippets: top-activating contexts with clean vs
 intervened predictions at `alpha`). A NaN or infinite metric that the definitions do not allow
 stops the stage before anything is written.
@@ -21,9 +22,12 @@ from tqdm import tqdm
 from pipeline import artifacts
 from pipeline.artifacts import ModelRecord
 from pipeline.config import Config
+from pipeline.engine.controls import random_unit_directions
 from pipeline.engine.forward import FeatureEncoder
-from pipeline.engine.interventions import INTERVENTIONS
+from pipeline.engine.inference import nan_allowed, row_inference
+from pipeline.engine.interventions import INTERVENTIONS, Intervention
 from pipeline.engine.metrics import density, top_tokens, variant_metrics
+from pipeline.engine.resampling import Resampler
 from pipeline.engine.run import LayerResult, run_layer
 from pipeline.engine.snippets import direct_logit_effect, feature_snippets
 from pipeline.errors import NonFiniteMetricError, UserError
@@ -34,22 +38,18 @@ from pipeline.stage_params import StageParams
 from pipeline.tokenizer import study_tokenizer
 
 # The params this stage reads (its dvc.yaml params; tests/test_stage_deps.py checks they agree).
-PARAMS = ("alpha", "alpha_sweep", "intervention", "live_percentile", "top_k_tokens", "n_snippets", "batch_size",
-          "device", "dtype")
-
-# Live-position metrics are NaN by definition when no position is live; nothing else may be.
-NAN_ALLOWED_WHEN_NO_LIVE = ("mean_act_live", "delta_ce_live", "kl_live")
-NAN_ALLOWED_ONE_PASSAGE = ("delta_ce_se", "kl_se")
-
+PARAMS = ("alpha", "alpha_sweep", "intervention", "live_percentile", "top_k_tokens", "n_snippets", "control_draws",
+          "seed", "batch_size", "device", "dtype")
 
 def check_finite(rows: list[dict[str, Any]]) -> None:
-    for row in rows:
+    """No metric may be infinite, or NaN except where its definition makes it so (inference.nan_allowed)."""
+    frame = pd.DataFrame(rows)
+    allowed = nan_allowed(frame)
+    for i, row in enumerate(rows):
         for key, value in row.items():
             if not isinstance(value, float) or math.isfinite(value):
                 continue
-            if math.isnan(value) and key in NAN_ALLOWED_WHEN_NO_LIVE and row["n_live"] == 0:
-                continue
-            if math.isnan(value) and key in NAN_ALLOWED_ONE_PASSAGE and row["n_passages"] < 2:
+            if math.isnan(value) and key in allowed and bool(allowed[key].iloc[i]):
                 continue
             raise NonFiniteMetricError(
                 f"layer {row['layer']} feature {row['feature']} alpha {row['alpha']:g}: {key} is {value}; "
@@ -61,15 +61,26 @@ def _token_list(pairs: list[tuple[int, float]], tokenizer) -> str:
     return json.dumps([[tokenizer.token_str(i), round(v, 6)] for i, v in pairs], ensure_ascii=False)
 
 
-def layer_rows(result: LayerResult, layer: int, config: Config, tokenizer) -> list[dict[str, Any]]:
+def layer_rows(result: LayerResult, layer: int, config: Config, tokenizer, rs: Resampler,
+               intervention: Intervention, dir_norms: list[float], context_size: int | None) -> list[dict[str, Any]]:
     rows = []
+    resid_norm = result.resid_norm[:, 1:-1].astype(np.float64)
     for fi, feature in enumerate(result.features):
         scored = result.acts_scored(fi)
+        max_act = float(scored.max()) if scored.size else math.nan
         for ai, value in enumerate(result.values):
             m = variant_metrics(result.ce_clean, result.ce_int[fi, ai], result.kl[fi, ai], scored, result.live[fi])
             mean_delta = result.mean_delta(fi, ai)
             changed = m["n_live"] > 0 and np.any(mean_delta != 0)
             promoted, suppressed = top_tokens(mean_delta, config.top_k_tokens) if changed else ([], [])
+            coef = intervention.coefficient(torch.from_numpy(result.acts[:, :, fi]).double(), value).numpy()[:, 1:-1]
+            has_ctrl = result.ctrl_kl.shape[2] > 0
+            stats = row_inference(
+                rs, ce_clean=result.ce_clean, ce_int=result.ce_int[fi, ai], kl=result.kl[fi, ai],
+                live=result.live[fi].mask, acts=scored,
+                ctrl_ce_int=result.ctrl_ce_int[fi, ai] if has_ctrl else None,
+                ctrl_kl=result.ctrl_kl[fi, ai] if has_ctrl else None,
+                coef=coef, dir_norm=dir_norms[fi], resid_norm=resid_norm, max_act=max_act, context_size=context_size)
             rows.append({
                 "layer": layer,
                 "feature": feature,
@@ -77,12 +88,21 @@ def layer_rows(result: LayerResult, layer: int, config: Config, tokenizer) -> li
                 "intervention": config.intervention,
                 "is_headline": value == config.alpha,
                 **m,
+                "delta_ce_se": stats.pop("delta_ce_se"),
+                "kl_se": stats.pop("kl_se"),
+                **stats,
                 "density": density(scored),
-                "max_act": float(scored.max()) if scored.size else math.nan,
+                "max_act": max_act,
                 "top_promoted": _token_list(promoted, tokenizer),
                 "top_suppressed": _token_list(suppressed, tokenizer),
             })
     return rows
+
+
+def sae_context_size(sae) -> int | None:
+    """The context length the SAE was trained on (SAE-Lens's cfg.metadata.context_size), if it records one."""
+    size = getattr(getattr(getattr(sae, "cfg", None), "metadata", None), "context_size", None)
+    return int(size) if size else None
 
 
 def run_intervene_stage(config: Config | StageParams, layer: int) -> pd.DataFrame:
@@ -93,6 +113,9 @@ def run_intervene_stage(config: Config | StageParams, layer: int) -> pd.DataFram
     if not features:
         raise UserError(f"{artifacts.FEATURES} has no features for layer {layer}; rerun the features stage")
     tokens = artifacts.read_tokens()
+    documents = artifacts.read_tokens_meta().get("passage_documents")
+    if documents is None or len(documents) != len(tokens):
+        raise UserError(f"{artifacts.TOKENS_META} records no document per passage; rerun the tokenize stage")
     intervention = INTERVENTIONS[config.intervention]
     values = list(config.alpha_sweep)
 
@@ -102,12 +125,17 @@ def run_intervene_stage(config: Config | StageParams, layer: int) -> pd.DataFram
         model = load_study_model(model_record, device, config.dtype)
         sae = load_study_sae(model_record, layer, device, config.dtype)
         tokenizer = study_tokenizer(model_record)
-        total = len(features) * len(values) * len(tokens)
+        encoder = FeatureEncoder(sae, features)
+        controls = random_unit_directions(config.seed, layer, features, config.control_draws,
+                                          encoder.directions.shape[-1])
+        total = len(features) * len(values) * (1 + config.control_draws) * len(tokens)
         with tqdm(total=total, desc=f"intervene@{layer}", unit="row", disable=None, leave=False) as bar:
             result = run_layer(model, sae, plan.resume_at, torch.from_numpy(tokens), features, values,
                                intervention=intervention, batch_size=config.batch_size,
-                               live_percentile=config.live_percentile, progress=bar.update)
-        rows = layer_rows(result, layer, config, tokenizer)
+                               live_percentile=config.live_percentile, progress=bar.update, controls=controls)
+        dir_norms = encoder.directions.double().norm(dim=-1).tolist()
+        rs = Resampler.for_passages(documents, config.seed, layer)
+        rows = layer_rows(result, layer, config, tokenizer, rs, intervention, dir_norms, sae_context_size(sae))
         check_finite(rows)
         detail = layer_detail(model, sae, plan, tokens, result, config, tokenizer, intervention)
         write_json(artifacts.layer_detail(layer), detail)

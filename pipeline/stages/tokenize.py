@@ -1,7 +1,7 @@
 """Stage `tokenize`: corpus -> data/tokens.npy (int32 [max_passages, max_len], column 0 = BOS).
 
 See pipeline.corpus for how windows are cut and sampled; data/tokens.json records the corpus,
-its sha256, the tokenizer and which windows were drawn.
+its sha256, the tokenizer, which windows were drawn and the document each was cut from.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pipeline import artifacts
 from pipeline.artifacts import ModelRecord
 from pipeline.checks import check_max_len
 from pipeline.config import Config
-from pipeline.corpus import load_corpus, make_windows, sample_windows
+from pipeline.corpus import load_corpus, make_windows, sample_windows, window_documents
 from pipeline.errors import UserError
 from pipeline.runinfo import stage_record
 from pipeline.stage_params import StageParams
@@ -31,12 +31,15 @@ def run_tokenize_stage(config: Config | StageParams) -> dict[str, Any]:
     with stage_record("tokenize") as record:
         corpus = load_corpus(config.corpus)  # before the tokenizer: it may need the network
         tokenizer = study_tokenizer(model_record)
-        ids = np.asarray(tokenizer.encode(corpus.text), dtype=np.int64)
+        ids, starts = tokenizer.encode_with_starts(corpus.text)
+        ids = np.asarray(ids, dtype=np.int64)
         if ids.size and (ids.min() < 0 or ids.max() >= model_record.model.d_vocab):
             raise UserError(f"the tokenizer produced ids outside the model's vocabulary (0..{model_record.model.d_vocab - 1})")
         windows = make_windows(ids, config.max_len, tokenizer.bos_token_id)
         chosen = sample_windows(len(windows), config.max_passages, config.seed, corpus.name)
         tokens = np.ascontiguousarray(windows[chosen], dtype=np.int32)
+        documents = window_documents(np.asarray(starts, dtype=np.int64), corpus.doc_starts, len(windows),
+                                     config.max_len)[chosen]
         meta = {
             "corpus": corpus.name,
             "source": corpus.source,
@@ -50,6 +53,9 @@ def run_tokenize_stage(config: Config | StageParams) -> dict[str, Any]:
             "max_passages": config.max_passages,
             "seed": config.seed,
             "window_indices": chosen.tolist(),
+            "n_documents": len(corpus.doc_starts),
+            # the document (index into the corpus's documents, in order) each passage was cut from
+            "passage_documents": documents.tolist(),
             "tokens_shape": list(tokens.shape),
         }
         artifacts.write_tokens(tokens, meta)

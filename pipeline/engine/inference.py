@@ -1,0 +1,125 @@
+"""Per-row statistics beyond the means: intervals and tests by document, the random control, dose and context.
+
+For one (feature, value) row of a layer (arrays over the scored positions [N, S], column j = position
+t = j + 1), `row_inference` returns the columns the intervene stage adds to pipeline.engine.metrics's:
+
+- `*_se`, `*_lo`, `*_hi` for delta_ce, kl, delta_ce_live, kl_live: document-bootstrap standard error and
+  95% interval (pipeline.engine.resampling);
+- `p_delta_ce_live`, `min_p_delta_ce_live`: sign-flip test by document of "the mean change of CE over live
+  positions is 0"; `n_docs`, `n_docs_live`, `n_passages_live`, `n_docs_firing`, `n_passages_firing`;
+- controls (mean over the random draws): `ctrl_delta_ce`, `ctrl_kl`, `ctrl_delta_ce_live`, `ctrl_kl_live`;
+  `specificity` = kl_live / ctrl_kl_live; `p_specific`, `min_p_specific`: sign-flip test by document of
+  "live KL equals the controls' live KL" (paired per position);
+- dose: `dose_rel_norm`, the mean over live positions of ||delta_t|| / ||x_t||, and `push_max_act`, the mean
+  over live positions of the push along the decoder direction (delta_t = c_t W_dec[i]) in units of the
+  feature's max activation on the corpus;
+- context: `sae_context_size` (the SAE's training context), `frac_live_beyond_ctx` (share of live positions
+  at t >= it), `delta_ce_live_in_ctx` and `kl_live_in_ctx` (the live means over t < it only).
+Every column is NaN where it is undefined (no live position, fewer than two documents, controls off,
+a zero control KL); none is ever a made-up 0.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from pipeline.engine.resampling import Resampler
+
+
+def _ratio(sums: np.ndarray, counts: np.ndarray) -> float:
+    total = counts.sum()
+    return float(sums.sum() / total) if total > 0 else math.nan
+
+
+def _masked_mean(values: np.ndarray, mask: np.ndarray) -> float:
+    return float(values[mask].mean()) if mask.any() else math.nan
+
+
+def row_inference(rs: Resampler, *, ce_clean: np.ndarray, ce_int: np.ndarray, kl: np.ndarray, live: np.ndarray,
+                  acts: np.ndarray, ctrl_ce_int: np.ndarray | None, ctrl_kl: np.ndarray | None,
+                  coef: np.ndarray, dir_norm: float, resid_norm: np.ndarray, max_act: float,
+                  context_size: int | None) -> dict[str, Any]:
+    """Columns of one row. `live` bool [N, S]; `acts` the feature's clean activations [N, S]; `ctrl_*`
+    [draws, N, S] or None; `coef` [N, S] the push c_t along the decoder row; `resid_norm` [N, S] ||x_t||."""
+    delta = ce_int - ce_clean
+    out: dict[str, Any] = {"n_docs": rs.n_docs}
+    for name, values, mask in (("delta_ce", delta, None), ("kl", kl, None),
+                               ("delta_ce_live", delta, live), ("kl_live", kl, live)):
+        se, lo, hi = rs.interval(*rs.doc_sums(values, mask))
+        out.update({f"{name}_se": se, f"{name}_lo": lo, f"{name}_hi": hi})
+    live_sums, live_counts = rs.doc_sums(delta, live)
+    out["p_delta_ce_live"], out["min_p_delta_ce_live"] = rs.sign_flip(live_sums, live_counts)
+    out["n_docs_live"] = int((live_counts > 0).sum())
+    out["n_passages_live"] = int(live.any(axis=1).sum())
+    firing = acts != 0
+    out["n_passages_firing"] = int(firing.any(axis=1).sum())
+    out["n_docs_firing"] = int(len(np.unique(rs.doc_index[firing.any(axis=1)])))
+
+    if ctrl_kl is not None and ctrl_kl.shape[0] > 0:
+        c_delta, c_kl = ctrl_ce_int.mean(axis=0) - ce_clean, ctrl_kl.mean(axis=0)
+        out["ctrl_delta_ce"], out["ctrl_kl"] = float(c_delta.mean()), float(c_kl.mean())
+        out["ctrl_delta_ce_live"], out["ctrl_kl_live"] = _masked_mean(c_delta, live), _masked_mean(c_kl, live)
+        kl_live = _masked_mean(kl, live)
+        out["specificity"] = kl_live / out["ctrl_kl_live"] if out["ctrl_kl_live"] > 0 else math.nan
+        out["p_specific"], out["min_p_specific"] = rs.sign_flip(*rs.doc_sums(kl - c_kl, live))
+    else:
+        for key in ("ctrl_delta_ce", "ctrl_kl", "ctrl_delta_ce_live", "ctrl_kl_live", "specificity", "p_specific",
+                    "min_p_specific"):
+            out[key] = math.nan
+
+    with np.errstate(invalid="ignore", divide="ignore"):
+        rel = np.abs(coef) * dir_norm / resid_norm
+    out["dose_rel_norm"] = _masked_mean(rel, live)
+    out["push_max_act"] = _masked_mean(coef, live) / max_act if max_act > 0 else math.nan
+
+    out["sae_context_size"] = context_size if context_size is not None else math.nan
+    positions = np.arange(1, live.shape[1] + 1)[None, :]
+    if context_size is None:
+        out.update(frac_live_beyond_ctx=math.nan, delta_ce_live_in_ctx=math.nan, kl_live_in_ctx=math.nan)
+    else:
+        within = live & (positions < context_size)
+        n_live = int(live.sum())
+        out["frac_live_beyond_ctx"] = (n_live - int(within.sum())) / n_live if n_live else math.nan
+        out["delta_ce_live_in_ctx"] = _masked_mean(delta, within)
+        out["kl_live_in_ctx"] = _masked_mean(kl, within)
+    return out
+
+
+INFERENCE_COLUMNS = (
+    "delta_ce_lo", "delta_ce_hi", "kl_lo", "kl_hi",
+    "delta_ce_live_se", "delta_ce_live_lo", "delta_ce_live_hi", "kl_live_se", "kl_live_lo", "kl_live_hi",
+    "p_delta_ce_live", "min_p_delta_ce_live", "n_docs", "n_docs_live", "n_passages_live", "n_docs_firing",
+    "n_passages_firing", "ctrl_delta_ce", "ctrl_kl", "ctrl_delta_ce_live", "ctrl_kl_live", "specificity",
+    "p_specific", "min_p_specific", "dose_rel_norm", "push_max_act", "sae_context_size", "frac_live_beyond_ctx",
+    "delta_ce_live_in_ctx", "kl_live_in_ctx",
+)
+
+
+def nan_allowed(frame) -> dict[str, Any]:
+    """Where each column may be NaN by definition, as boolean Series over the rows of `frame` (a pandas
+    DataFrame of the per-layer table). intervene's check and aggregate's sanity count use this one rule."""
+    def col(name, default=float("nan")):
+        return frame[name] if name in frame else frame.index.to_series().map(lambda _: default)
+
+    no_live = col("n_live", 0) == 0
+    few_docs = ~(col("n_docs", 0) >= 2)
+    few_live_docs = ~(col("n_docs_live", 0) >= 2)
+    no_ctrl = col("ctrl_kl").isna()
+    no_ctx = col("sae_context_size").isna()
+    none_in_ctx = no_live | no_ctx | (col("frac_live_beyond_ctx") == 1)
+    out = {name: no_live for name in ("mean_act_live", "delta_ce_live", "kl_live", "p_delta_ce_live",
+                                       "min_p_delta_ce_live", "dose_rel_norm", "push_max_act")}
+    out.update({f"{m}_{s}": few_docs for m in ("delta_ce", "kl") for s in ("se", "lo", "hi")})
+    out.update({f"{m}_{s}": few_live_docs | no_live for m in ("delta_ce_live", "kl_live") for s in ("se", "lo", "hi")})
+    out.update({name: no_ctrl for name in ("ctrl_delta_ce", "ctrl_kl")})
+    out.update({name: no_ctrl | no_live for name in ("ctrl_delta_ce_live", "ctrl_kl_live", "p_specific",
+                                                     "min_p_specific")})
+    out["specificity"] = no_ctrl | no_live | ~(col("ctrl_kl_live") > 0)
+    out["sae_context_size"] = no_ctx
+    out["frac_live_beyond_ctx"] = no_ctx | no_live
+    out["delta_ce_live_in_ctx"] = none_in_ctx
+    out["kl_live_in_ctx"] = none_in_ctx
+    return out
