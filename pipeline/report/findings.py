@@ -14,14 +14,14 @@ import numpy as np
 import pandas as pd
 
 from pipeline.artifacts import KL_TOLERANCE
+from pipeline.engine.inference import INFERENCE_COLUMNS, nan_allowed
+from pipeline.intervention_words import words_for
 from pipeline.report.inputs import ReportInputs
 from pipeline.report.text import md, num, pct, tex_num
 
 # Columns that hold measurements (not labels, token lists or links).
 METRIC_COLUMNS = ("ce_clean", "ce_int", "delta_ce", "delta_ce_se", "kl", "kl_se", "delta_ce_live", "kl_live",
-                  "n_live", "frac_live", "mean_act_live", "live_threshold", "density", "max_act")
-NAN_WHEN_NO_LIVE = ("delta_ce_live", "kl_live", "mean_act_live")
-NAN_WHEN_ONE_PASSAGE = ("delta_ce_se", "kl_se")
+                  "n_live", "frac_live", "mean_act_live", "live_threshold", "density", "max_act", *INFERENCE_COLUMNS)
 
 
 @dataclass(frozen=True)
@@ -37,11 +37,12 @@ def identity_check(per_feature: pd.DataFrame, identity: float | None, interventi
         return Check(name, None, f"The `{intervention}` intervention has no value that leaves the model "
                                  "unchanged, so there is nothing to check.")
     rows = per_feature[per_feature["alpha"] == identity]
+    symbol = words_for(intervention).symbol
     if rows.empty:
-        return Check(name, None, f"α = {identity:g} is not in this run's sweep, so it was not measured.")
+        return Check(name, None, f"{symbol} = {identity:g} is not in this run's sweep, so it was not measured.")
     effect = rows[["delta_ce", "kl", "delta_ce_live", "kl_live"]].abs()
     nonzero = int((effect.fillna(0) != 0).any(axis=1).sum())
-    detail = (f"At α = {identity:g}, {len(rows) - nonzero} of {len(rows)} rows have ΔCE = 0 and KL = 0 exactly "
+    detail = (f"At {symbol} = {identity:g}, {len(rows) - nonzero} of {len(rows)} rows have ΔCE = 0 and KL = 0 exactly "
               f"(all tokens and live tokens); largest |ΔCE| {num(effect['delta_ce'].max())}, "
               f"largest KL {num(effect['kl'].max())}.")
     return Check(name, nonzero == 0, detail)
@@ -62,12 +63,10 @@ def nan_check(per_feature: pd.DataFrame) -> Check:
     bad = ~np.isfinite(values.to_numpy(dtype=float))
     allowed = np.zeros_like(bad)
     no_live = (per_feature["n_live"] == 0).to_numpy()
-    one_passage = (per_feature["n_passages"] < 2).to_numpy()
+    rules = nan_allowed(per_feature)
     for j, col in enumerate(cols):
-        if col in NAN_WHEN_NO_LIVE:
-            allowed[:, j] = no_live
-        elif col in NAN_WHEN_ONE_PASSAGE:
-            allowed[:, j] = one_passage
+        if col in rules:
+            allowed[:, j] = rules[col].to_numpy(dtype=bool)
     unexpected = bad & ~(allowed & np.isnan(values.to_numpy(dtype=float)))  # inf is never allowed
     n_bad = int(unexpected.sum())
     detail = (f"{n_bad} non-finite values among {bad.size:,} measurements ({len(cols)} metric columns × "
@@ -80,6 +79,8 @@ def nan_check(per_feature: pd.DataFrame) -> Check:
     if n_no_live:
         detail += (f" {n_no_live} rows have no live position, so their live-token means are NaN by definition "
                    "(never 0); those are not counted.")
+    detail += (" Intervals, tests and control columns are NaN, by definition, where they are undefined (fewer than "
+               "two documents, no live position, controls off).")
     return Check("No NaN or infinite metric", n_bad == 0, detail)
 
 
@@ -107,29 +108,46 @@ def _direction(x: float) -> str:
 
 
 def reading_paragraph(inputs: ReportInputs) -> str:
-    """One paragraph, markdown, every clause backed by a number from this run."""
+    """One paragraph, markdown, every clause backed by a number from this run (effects where features fire
+    first; a claim of an effect only where the study-wide adjusted test supports it)."""
     head = inputs.headline
     a = inputs.alpha
+    words = words_for(inputs.intervention)
     ce_clean = float(head["ce_clean"].mean())
     n_passages = int(head["n_passages"].iloc[0])
-    by_layer = head.groupby("layer")["delta_ce"].mean()
-    top_layer = int(by_layer.abs().idxmax())
-    top = head.loc[head["delta_ce"].abs().idxmax()]
-    out: list[str] = [
-        f"At α = {a:g}, layer {top_layer}'s features moved the loss most on average (they "
-        f"{_direction(by_layer[top_layer])} it by {num(abs(by_layer[top_layer]))} nats); the largest single effect, "
-        f"layer {int(top['layer'])} feature {int(top['feature'])}, {_direction(top['delta_ce'])} it by "
-        f"{num(abs(top['delta_ce']))} nats, {pct(abs(top['delta_ce']) / ce_clean, 2)} of the clean "
-        f"{num(ce_clean)} nats."
-    ]
+    out: list[str] = []
+    live = head[head["delta_ce_live"].notna()]
+    if len(live):
+        by_layer = live.groupby("layer")["delta_ce_live"].mean()
+        top_layer = int(by_layer.abs().idxmax())
+        top = live.loc[live["delta_ce_live"].abs().idxmax()]
+        out.append(
+            f"With each feature {words.applied(a)}, measured where it fires (its live positions), layer {top_layer}'s "
+            f"features changed the loss most on average ({num(by_layer[top_layer])} nats per live position); the "
+            f"largest single live effect, layer {int(top['layer'])} feature {int(top['feature'])}, is "
+            f"{num(top['delta_ce_live'])} nats [{num(top['delta_ce_live_lo'], 2)}, {num(top['delta_ce_live_hi'], 2)}], "
+            f"{pct(abs(top['delta_ce_live']) / ce_clean, 2)} of the clean {num(ce_clean)} nats. Averaged over all "
+            f"tokens, where most positions are untouched, the same layer's mean is {num(head[head['layer'] == top_layer]['delta_ce'].mean())} nats.")
 
-    with_se = head[head["delta_ce_se"].notna() & (head["delta_ce_se"] > 0)]
-    if len(with_se):
-        n_sig = int((with_se["delta_ce"].abs() > 2 * with_se["delta_ce_se"]).sum())
-        verdict = ("most are within noise" if n_sig < len(with_se) / 2 else "most stand clear of the noise")
-        out.append(f"Only {n_sig} of {len(with_se)}" if n_sig < len(with_se) / 2 else f"{n_sig} of {len(with_se)}")
-        out[-1] += (f" features move it by more than two standard errors over the {n_passages} passages, so {verdict}; "
-                    f"those errors also assume the passages are independent draws.")
+    tests = inputs.per_feature[inputs.per_feature["p_adj_delta_ce_live"].notna()]
+    if len(tests):
+        n_sig = int(tests["significant"].sum())
+        n_rare = int((~tests["testable"].astype(bool)).sum())
+        n_rest = len(tests) - n_sig - n_rare
+        rest = (f", and {n_rest} are not distinguishable from zero at this sample size, which is not evidence of no "
+                "effect" if n_rest else "")
+        out.append(f"Across the study's {len(tests)} tests (every layer, feature and {words.symbol} other than the "
+                   f"identity, sign-flip by document, Holm-adjusted), {n_sig} loss changes are distinguishable from "
+                   f"zero; {n_rare} fire in too few documents to be testable{rest} ({n_passages} passages from "
+                   f"{int(head['n_docs'].iloc[0])} documents).")
+    spec = inputs.per_feature[inputs.per_feature["p_adj_specific"].notna()]
+    if len(spec):
+        n_spec = int(spec["more_specific"].sum())
+        alphas = sorted({float(x) for x in spec.loc[spec["more_specific"].astype(bool), "alpha"]})
+        where = f" (at {words.symbol} = {', '.join(f'{x:g}' for x in alphas)})" if alphas else ""
+        out.append(f"Against random directions pushed exactly as hard at the same positions, {n_spec} of {len(spec)} "
+                   f"(feature, value) rows move the model measurably more{where}; the median specificity at "
+                   f"{words.symbol} = {a:g} is {num(head['specificity'].median(), 2)}× the controls' live KL.")
 
     ratio = (head["kl_live"] / head["kl"]).replace([np.inf, -np.inf], np.nan).dropna()
     if len(ratio):
@@ -138,14 +156,22 @@ def reading_paragraph(inputs: ReportInputs) -> str:
             f"finding: the feature is live on a median {pct(head['frac_live'].median())} of positions, and where it "
             f"is zero the hook is left unchanged."
         )
+    beyond = head["frac_live_beyond_ctx"].dropna()
+    if len(beyond) and beyond.max() > 0:
+        out.append(f"A median {pct(beyond.median())} of live positions lie beyond the SAEs' "
+                   f"{int(head['sae_context_size'].dropna().iloc[0])}-token training context, where the SAEs were "
+                   "never trained; the table of tests gives the live ΔCE over the positions inside it.")
 
-    sweep = inputs.per_feature.groupby("alpha")["kl"].mean()
-    below = sorted((x for x in sweep.index if x < 1.0), reverse=True)
-    above = sorted(x for x in sweep.index if x > 1.0)
+    sweep = inputs.per_feature.groupby("alpha")["kl_live"].mean()
+    centre = words.identity if words.identity is not None else min(sweep.index)
+    below = sorted((x for x in sweep.index if x < centre), reverse=True)
+    above = sorted(x for x in sweep.index if x > centre)
     if len(below) + len(above) >= 2:
         steady = all((np.diff([sweep[x] for x in side]) >= 0).all() for side in (below, above) if len(side) > 1)
-        ends = f"{num(sweep[min(sweep.index)])} nats at α = {min(sweep.index):g}, {num(sweep[max(sweep.index)])} at α = {max(sweep.index):g}"
-        out.append(f"Mean KL {'grows' if steady else 'does not grow steadily'} as α moves away from 1 ({ends})"
+        ends = (f"{num(sweep[min(sweep.index)])} nats at {words.symbol} = {min(sweep.index):g}, "
+                f"{num(sweep[max(sweep.index)])} at {words.symbol} = {max(sweep.index):g}")
+        out.append(f"Mean live KL {'grows' if steady else 'does not grow steadily'} as {words.symbol} moves away from "
+                   f"{centre:g} ({ends})"
                    + ("." if steady else "; check the sweep figure before trusting the curves."))
 
     sources = ", ".join(sorted(set(inputs.features["source"].dropna().astype(str)))) or "unknown"

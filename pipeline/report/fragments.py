@@ -13,9 +13,11 @@ from typing import Any
 import pandas as pd
 
 from pipeline import artifacts
+from pipeline.intervention_words import words_for
 from pipeline.report.findings import reading_paragraph, sanity_checks
 from pipeline.report.inputs import ReportInputs
 from pipeline.report.run_section import lead_fragment, run_fragment
+from pipeline.report.statistics import intervention_fragment, statistics_method_fragment, tests_fragment
 from pipeline.report.text import (
     h,
     integer,
@@ -33,18 +35,24 @@ FIGURE_DIR = "figures"  # under report/generated/
 TOKENS_SHOWN = 5  # promoted / suppressed tokens per feature in the table
 SNIPPETS_PER_LAYER = 3
 FIGURE_CAPTIONS = {
-    "headline": "Δ cross-entropy when each feature is scaled by α = {alpha:g}, per layer. Points: the features of each "
-                "layer, bars: ±1 standard error over the {n} passages, line: mean over the layer's features.",
-    "dce_vs_alpha": "Δ cross-entropy against α, mean over each layer's features. α = 1 (dashed) is the clean model.",
-    "kl_vs_alpha": "KL(clean ‖ intervened) against α, mean over each layer's features.",
-    "kl_heatmap": "KL at α = {alpha:g} for every feature, layer by layer (cell: feature index and KL, nats).",
+    "headline": "Δ cross-entropy at each feature's live positions when it is {applied}, per layer. Points: the "
+                "features of each layer (filled: distinguishable from zero after Holm's adjustment across the study), "
+                "bars: 95% interval from resampling the {docs} documents, grey crosses: the same push along random "
+                "directions, line: mean over the layer's features.",
+    "dce_vs_alpha": "Δ cross-entropy at live positions against {symbol}, mean over each layer's features; dotted: the "
+                    "random-direction controls. {identity}",
+    "kl_vs_alpha": "KL(clean ‖ intervened) at live positions against {symbol}, mean over each layer's features; "
+                   "dotted: the random-direction controls.",
+    "kl_heatmap": "Live KL with each feature {applied}, layer by layer (cell: feature index, live KL in nats, and × its "
+                  "specificity, the live KL over its random controls').",
 }
 
 
 def figure_fragment(inputs: ReportInputs, key: str) -> str:
     """A markdown figure: no `#fig-` id, so Quarto adds no numbering that pandoc would lack."""
-    n = int(inputs.headline["n_passages"].iloc[0])
-    caption = FIGURE_CAPTIONS[key].format(alpha=inputs.alpha, n=n)
+    words = words_for(inputs.intervention)
+    caption = FIGURE_CAPTIONS[key].format(applied=words.applied(inputs.alpha), symbol=words.symbol,
+                                          identity=words.identity_note, docs=int(inputs.headline["n_docs"].iloc[0]))
     where = artifacts.REPORT_GENERATED.relative_to(artifacts.REPORT_DIR).as_posix()  # relative to report.qmd
     return f"![{caption}]({where}/{FIGURE_DIR}/{inputs.figures[key].name})\n"
 
@@ -57,10 +65,11 @@ def method_fragment(inputs: ReportInputs) -> str:
     top_k = max((len(token_list(c)) for c in head["top_promoted"]), default=0)
     sweep = ", ".join(f"{a:g}" for a in inputs.alphas)
     scored = f"{n_scored:,}".replace(",", "{,}")  # TeX: a comma as a digit separator, not punctuation
+    symbol = "\\alpha" if inputs.intervention == "scale" else "c"
     text = (f"In this run: $N = {n}$ passages of $T = {t}$ tokens, so each feature is scored on "
             f"$N(T-2) = {scored}$ positions; $P = {inputs.live_percentile:g}$; "
-            f"$\\alpha \\in \\{{{sweep}\\}}$ with headline $\\alpha = {inputs.alpha:g}$; the top {top_k} promoted "
-            f"and suppressed tokens are kept per feature and α.")
+            f"${symbol} \\in \\{{{sweep}\\}}$ with headline ${symbol} = {inputs.alpha:g}$; the top {top_k} promoted "
+            f"and suppressed tokens are kept per feature and value.")
     if zero_q:
         text += (f" For {zero_q} of {len(head)} features the {inputs.live_percentile:g}th percentile of the "
                  f"activation is 0 (they fire on fewer than {100 - inputs.live_percentile:g}% of positions), so their "
@@ -86,11 +95,11 @@ def _tokens_cell(cell: Any, n: int = TOKENS_SHOWN) -> str:
     return '<span class="list">' + " ".join(parts) + "</span>"
 
 
-def _with_se(value: Any, se: Any, mark: bool = False) -> str:
-    """The value, bold when `mark` and it is more than two standard errors from 0, with ± SE below."""
-    strong = mark and is_number(value) and is_number(se) and se > 0 and abs(value) > 2 * se
+def _with_ci(value: Any, lo: Any, hi: Any, strong: bool = False) -> str:
+    """The value, bold when `strong` (distinguishable from zero after adjustment), its 95% interval below."""
     main = f"<strong>{h(num(value))}</strong>" if strong else h(num(value))
-    return main + (f'<br><span class="se">± {h(num(se, 2))}</span>' if is_number(se) else "")
+    ci = f'<br><span class="se">[{h(num(lo, 2))}, {h(num(hi, 2))}]</span>' if is_number(lo) and is_number(hi) else ""
+    return main + ci
 
 
 def _direct_cell(pairs: list[list[Any]] | None) -> str:
@@ -113,8 +122,8 @@ def _tokens_block(r: pd.Series, has_np: bool, direct: dict[str, Any] | None) -> 
 def features_fragment(inputs: ReportInputs) -> str:
     head = inputs.headline
     has_np = bool(head["np_pos_tokens"].notna().any() or head["np_neg_tokens"].notna().any())
-    columns = [("Layer", ""), ("Feature", "num"), ("Label", ""), ("Density", "num"), ("ΔCE all", "num"),
-               ("ΔCE live", "num"), ("KL all", "num"), ("KL live", "num"), ("Live", "num"),
+    columns = [("Layer", ""), ("Feature", "num"), ("Label", ""), ("Density", "num"), ("ΔCE live", "num"),
+               ("KL live", "num"), ("ΔCE all", "num"), ("KL all", "num"), ("Live", "num"),
                (f"Top {TOKENS_SHOWN} tokens promoted (+) and suppressed (−)", "")]
     lines = ['<table class="features" data-quarto-disable-processing="true">',
              "<thead><tr>" + "".join(f'<th class="{c}">{h(name)}</th>' for name, c in columns) + "</tr></thead>",
@@ -131,18 +140,20 @@ def features_fragment(inputs: ReportInputs) -> str:
                 f'<td class="num">{_link(r["neuronpedia_url"], str(int(r["feature"])))}</td>',
                 f'<td class="label">{_link(r["neuronpedia_url"], visible_html(one_line(label)))}</td>',
                 f'<td class="num">{h(pct(r["density"], 2))}</td>',
-                f'<td class="num">{_with_se(r["delta_ce"], r["delta_ce_se"], mark=True)}</td>',
-                f'<td class="num">{h(num(r["delta_ce_live"]))}</td>',
-                f'<td class="num">{_with_se(r["kl"], r["kl_se"])}</td>',
-                f'<td class="num">{h(num(r["kl_live"]))}</td>',
+                f'<td class="num">{_with_ci(r["delta_ce_live"], r["delta_ce_live_lo"], r["delta_ce_live_hi"], bool(r["significant"]))}</td>',
+                f'<td class="num">{_with_ci(r["kl_live"], r["kl_live_lo"], r["kl_live_hi"])}</td>',
+                f'<td class="num">{_with_ci(r["delta_ce"], r["delta_ce_lo"], r["delta_ce_hi"])}</td>',
+                f'<td class="num">{_with_ci(r["kl"], r["kl_lo"], r["kl_hi"])}</td>',
                 f'<td class="num">{h(integer(r["n_live"]))}<br><span class="se">{h(pct(r["frac_live"]))}</span></td>',
                 f'<td class="tokens">{_tokens_block(r, has_np, direct)}</td>',
             ]
             lines.append(f'<tr class="{"first" if i == 0 else "rest"}">' + "".join(cells) + "</tr>")
     lines.append("</tbody></table>")
-    intro = (f"{len(head)} features in {head['layer'].nunique()} layers at the headline α = {inputs.alpha:g}. ΔCE and "
-             f"KL are in nats, with the standard error over passages below; **bold** ΔCE is more than two standard "
-             f"errors from zero. *Live* is the number (and share) of live positions. The tokens are ours: the largest "
+    words = words_for(inputs.intervention)
+    intro = (f"{len(head)} features in {head['layer'].nunique()} layers, each {words.applied(inputs.alpha)}. ΔCE and "
+             f"KL are in nats, where the feature fires (live) and over all tokens, with the 95% interval from "
+             f"resampling documents below; **bold** live ΔCE is distinguishable from zero after Holm's adjustment "
+             f"across the study. *Live* is the number (and share) of live positions. The tokens are ours: the largest "
              f"and smallest mean changes of the centred logits at live positions. Tokens are quoted; a shaded ↵ is a "
              f"newline, ⇥ a tab, \\xNN another invisible character.")
     intro += (" The W<sub>U</sub> rows are the feature's direct effect on the logits, its decoder direction times "
@@ -177,18 +188,20 @@ def _context(snippet: dict[str, Any]) -> str:
 
 
 def _snippet_features(inputs: ReportInputs, layer: int) -> list[tuple[dict[str, Any], pd.Series]]:
-    """The layer's SNIPPETS_PER_LAYER features with the largest KL at the headline alpha."""
-    rows = inputs.headline[inputs.headline["layer"] == layer].sort_values("kl", ascending=False, kind="stable")
+    """The layer's SNIPPETS_PER_LAYER features with the largest live KL at the headline alpha."""
+    rows = inputs.headline[inputs.headline["layer"] == layer].sort_values("kl_live", ascending=False, kind="stable")
     detail = {int(f["feature"]): f for f in inputs.details[layer]["features"]}
     return [(detail[int(r["feature"])], r) for _, r in rows.iterrows() if int(r["feature"]) in detail][:SNIPPETS_PER_LAYER]
 
 
 def snippets_fragment(inputs: ReportInputs) -> str:
-    parts = [f"For each layer, the {SNIPPETS_PER_LAYER} features with the largest KL at α = {inputs.alpha:g}, each at "
+    words = words_for(inputs.intervention)
+    parts = [f"For each layer, the {SNIPPETS_PER_LAYER} features with the largest live KL when "
+             f"{words.applied(inputs.alpha)}, each at "
              f"its strongest firing in the corpus: the firing token is highlighted, the token that actually came next "
              f"is underlined, and the model's top next-token predictions there are listed clean and with the feature "
-             f"scaled by α = {inputs.alpha:g} (the actual next token in bold). A shaded ↵ is a newline, ⇥ a tab.\n"]
-    head = ["Feature", "Fires on", "Context", "Clean", f"α = {inputs.alpha:g}"]
+             f"{words.applied(inputs.alpha)} (the actual next token in bold). A shaded ↵ is a newline, ⇥ a tab.\n"]
+    head = ["Feature", "Fires on", "Context", "Clean", f"{words.symbol} = {inputs.alpha:g}"]
     for layer in inputs.layers:
         detail = inputs.details[layer]
         rows = []
@@ -228,7 +241,10 @@ def build_fragments(inputs: ReportInputs, rendered_by: str) -> dict[str, str]:
     return {
         "lead.md": lead_fragment(inputs),
         "run.md": run_fragment(inputs, rendered_by),
+        "intervention.md": intervention_fragment(inputs),
         "method.md": method_fragment(inputs),
+        "statistics.md": statistics_method_fragment(inputs),
+        "tests.md": tests_fragment(inputs),
         "fig_headline.md": figure_fragment(inputs, "headline"),
         "fig_sweep.md": figure_fragment(inputs, "dce_vs_alpha") + "\n" + figure_fragment(inputs, "kl_vs_alpha"),
         "fig_heatmap.md": figure_fragment(inputs, "kl_heatmap"),

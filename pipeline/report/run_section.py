@@ -10,6 +10,7 @@ from collections import defaultdict
 from datetime import UTC, datetime
 from typing import Any
 
+from pipeline.intervention_words import words_for
 from pipeline.report.inputs import ReportInputs, dvc_description, git_revision
 from pipeline.report.text import h, integer, md, raw_html, seconds
 
@@ -183,10 +184,12 @@ def lead_fragment(inputs: ReportInputs) -> str:
     head = inputs.headline
     model = inputs.model.model
     n, t = inputs.tokens.get("tokens_shape", ["?", "?"])
+    words = words_for(inputs.intervention)
     text = (f"Each of {len(head)} sparse-autoencoder features in {md(model.name)} "
-            f"(layers {layer_span(inputs.layers)}, hook {md(inputs.model.hook)}) is scaled by α and the model's "
-            f"next-token loss is measured on {n} passages of {t} tokens from {md(inputs.tokens.get('corpus'))}. "
-            f"Headline α = {inputs.alpha:g}.")
+            f"(layers {layer_span(inputs.layers)}, hook {md(inputs.model.hook)}) is {words.applied(inputs.alpha)} "
+            f"(and the rest of the sweep) and the model's next-token loss is measured where the feature fires, on "
+            f"{n} passages of {t} tokens from {md(inputs.tokens.get('corpus'))}, beside the same push along random "
+            "directions.")
     out = f"::: {{.lead}}\n{text}\n:::\n"
     if inputs.is_toy:
         out += ("\n::: {.note}\n**Toy preset.** This run uses the offline toy model, not GPT-2 Small: the numbers "
