@@ -47,7 +47,8 @@ def test_stage_params_are_known_keys_and_plot_reads_no_forward_pass_key():
     known = set(yaml.safe_load((ROOT / "params.yaml").read_text()))
     for stage in STAGES.values():
         assert set((stage.get("do") or stage).get("params", [])) <= known
-    assert set(STAGES["plot"]["params"]) == {"alpha", "plot_dpi"}
+    # intervention only words the axes (a change of it re-runs intervene anyway)
+    assert set(STAGES["plot"]["params"]) == {"alpha", "intervention", "plot_dpi"}
     assert "plot_dpi" not in STAGES["intervene"]["do"]["params"]
     assert "alpha" in STAGES["intervene"]["do"]["params"]
     assert STAGES["intervene"]["foreach"] == "${layers}"

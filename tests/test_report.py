@@ -196,8 +196,11 @@ def test_the_reading_paragraph_is_written_from_the_data(study):
     text = page.text_of("sec-reading")
     per_feature = pd.read_csv(root / artifacts.PER_FEATURE)
     head = per_feature[per_feature["alpha"] == 2.0]
-    top_layer = int(head.groupby("layer")["delta_ce"].mean().abs().idxmax())
-    assert f"layer {top_layer}’s features moved the loss most" in text  # pandoc's smart quotes
+    top_layer = int(head.groupby("layer")["delta_ce_live"].mean().abs().idxmax())
+    assert f"layer {top_layer}’s features changed the loss most on average" in text  # pandoc's smart quotes
+    tests = per_feature[per_feature["p_adj_delta_ce_live"].notna()]
+    assert f"Across the study’s {len(tests)} tests" in text
+    assert f"{int(tests['significant'].sum())} loss changes are distinguishable from zero" in text
     assert "toy preset" in text and "say nothing about GPT-2" in text
 
 
