@@ -127,6 +127,25 @@ def test_sae_lens_loads_the_twins_tensors_and_the_releases_config(offline_twin, 
 
 
 @pytest.mark.usefixtures("offline_twin")
+def test_the_gpt2_tokenizers_offsets_give_the_same_tokens_and_each_token_its_document():
+    from pipeline.corpus import heading_starts, window_documents
+    from pipeline.tokenizer import HFTokenizer
+
+    tok = HFTokenizer("gpt2")
+    text = " = First = \n\n The first article , with words .\n \n = = A section = = \n More text .\n = Second = \n Its text .\n"
+    ids, starts = tok.encode_with_starts(text)
+    assert ids == tok.encode(text)
+    assert starts == sorted(starts) and starts[0] >= 0 and starts[-1] < len(text)
+    second = text.index(" = Second")
+    doc_starts = heading_starts(text)
+    assert doc_starts == (0, second)
+    docs = window_documents(np.asarray(starts), doc_starts, n_windows=1, max_len=len(ids) + 1)
+    assert docs.tolist() == [0]  # most of the one window is the first article
+    last = window_documents(np.asarray(starts[-6:]), doc_starts, n_windows=1, max_len=7)
+    assert last.tolist() == [1]
+
+
+@pytest.mark.usefixtures("offline_twin")
 def test_engine_numbers_equal_sae_lens_own_splice_on_the_loaded_model(plans):
     """run_layer on the pipeline's model against HookedSAETransformer with the SAE spliced in
     (use_error_term) and its feature activation scaled: the plain way of SAE-Lens's docs."""
@@ -217,6 +236,9 @@ def test_the_gpt2_small_preset_runs_every_stage_on_the_twin(twin, tmp_path_facto
     assert meta["corpus"] == "wikitext-2" and meta["source"].startswith("hf datasets Salesforce/wikitext")
     tokens = np.load(project / "data/tokens.npy")
     assert tokens.shape == (4, 32) and (tokens[:, 0] == SCALES["tiny"].vocab_size - 1).all()
+    # the twin's WikiText has many ` = Title = ` articles; each passage records the one it was cut from
+    assert meta["n_documents"] > 10 and len(meta["passage_documents"]) == 4
+    assert all(0 <= d < meta["n_documents"] for d in meta["passage_documents"])
 
     features = pd.read_csv(project / "data/features.csv")
     assert list(features["layer"]) == list(range(12)) and (features["source"] == "neuronpedia").all()

@@ -77,3 +77,22 @@ def test_asking_for_more_passages_than_windows_names_max_passages_and_what_is_al
     assert "max_passages is 11" in message
     assert "'python-docs' has only 10 windows" in message
     assert "allowed: 1..10" in message
+
+
+def test_python_docs_documents_are_its_topics_and_start_where_each_topic_does():
+    from pydoc_data.topics import topics
+
+    from pipeline.corpus import load_corpus
+
+    corpus = load_corpus("python-docs")
+    keys = sorted(topics)
+    assert len(corpus.doc_starts) == len(keys) and corpus.doc_starts[0] == 0
+    for key, start in zip(keys, corpus.doc_starts, strict=True):
+        assert corpus.text[start:].startswith(topics[key].strip("\n")[:50])
+
+
+def test_bytes_tokens_know_the_character_they_belong_to():
+    from pipeline.tokenizer import ByteTokenizer
+
+    ids, starts = ByteTokenizer().encode_with_starts("aé b")
+    assert ids == list("aé b".encode()) and starts == [0, 1, 1, 2, 3]
