@@ -15,18 +15,21 @@ def forward_passes(config: Config) -> dict[str, int]:
 
     engine: per layer one prefix (embedding up to the hook) and one clean suffix per passage, plus
     one suffix per (feature, non-identity alpha, passage) at most (fewer when a feature is silent in
-    a passage). plain: one full forward per (feature, alpha, passage) plus one clean per passage.
+    a passage), and as many again per random-direction control draw. plain: one full forward per
+    (feature, alpha, passage) plus one clean per passage (no controls).
     """
     identity = INTERVENTION_IDENTITY[config.intervention]
     n_values = len(config.alpha_sweep)
     active = n_values - (1 if identity in config.alpha_sweep else 0)
     n, f, b, layers = config.max_passages, config.features_per_layer, config.batch_size, len(config.layers)
-    variant_rows = layers * f * active * n
+    per_row = 1 + config.control_draws  # the feature's own row and one per control draw
+    variant_rows = layers * f * active * n * per_row
     return {
         "clean_prefix_passes": layers * n,
         "clean_suffix_passes": layers * n,
         "intervened_suffix_passes_max": variant_rows,
-        "batched_calls_max": layers * math.ceil(n / b) * (2 + f * active),
+        "control_draws": config.control_draws,
+        "batched_calls_max": layers * math.ceil(n / b) * (2 + f * active * per_row),
         "plain_full_passes": layers * (f * n_values * n + n),
         "tokens_per_pass": config.max_len,
     }
@@ -80,7 +83,8 @@ def format_plan(plan: dict[str, Any]) -> str:
         "",
         f"forward passes ({fp['tokens_per_pass']} tokens each): {fp['clean_prefix_passes']:,} clean prefix + "
         f"{fp['clean_suffix_passes']:,} clean suffix + at most {fp['intervened_suffix_passes_max']:,} intervened "
-        f"suffix passes, in at most {fp['batched_calls_max']:,} batched calls",
+        f"suffix passes (with {fp['control_draws']} random-direction control draws each), in at most "
+        f"{fp['batched_calls_max']:,} batched calls",
         f"(the plain way, one full forward per feature x alpha x passage: {fp['plain_full_passes']:,} full passes)",
     ]
     return "\n".join(lines)

@@ -65,7 +65,14 @@ def test_toy_study_runs_end_to_end_with_every_output(project):
     assert len(per_layer) == 2 * 5
     summary = json.loads((project / "metrics/summary.json").read_text())
     assert summary["alpha"] == 2.0 and summary["n_features"] == 10
-    assert summary["sanity"]["identity_rows_nonzero"] == 0
+    assert summary["sanity"]["identity_rows_nonzero"] == 0 and summary["sanity"]["nan_values"] == 0
+    # the statistics: controls ran (3 draws by default), every test row got a Holm-adjusted p
+    assert per_feature["ctrl_kl"].notna().all() and (per_feature["ctrl_kl"] >= 0).all()
+    tests = per_feature[per_feature["alpha"] != 1.0]
+    assert (tests["p_adj_delta_ce_live"].notna() == tests["p_delta_ce_live"].notna()).all()
+    assert (tests["p_adj_delta_ce_live"].dropna() >= tests["p_delta_ce_live"].dropna()).all()
+    assert summary["tests"]["n_tests"] == int(tests["p_delta_ce_live"].notna().sum()) > 0
+    assert {"mean_delta_ce_live", "mean_kl_live", "mean_delta_ce", "mean_kl", "max_kl_live"} <= set(summary)
     for name in ("layer_vs_dloss_alpha2.png", "dce_vs_alpha.png", "kl_vs_alpha.png", "kl_heatmap.png",
                  "layer_dce.csv", "alpha_sweep.csv", "kl_heatmap.csv"):
         assert (project / "plots" / name).stat().st_size > 0, name

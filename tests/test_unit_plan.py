@@ -8,6 +8,7 @@ import math
 import pytest
 
 from pipeline.config import parse_params
+from pipeline.engine.controls import random_unit_directions
 from pipeline.engine.interventions import INTERVENTIONS
 from pipeline.engine.run import run_layer
 from pipeline.preview import forward_passes
@@ -47,9 +48,10 @@ def test_reported_counts_follow_the_rule_in_the_docstring(name):
     fp = forward_passes(cfg)
     assert fp["clean_prefix_passes"] == n_layers * n  # one prefix per passage per layer
     assert fp["clean_suffix_passes"] == n_layers * n  # one clean suffix per passage per layer
-    assert fp["intervened_suffix_passes_max"] == n_layers * f * len(non_identity) * n
-    # per block of b passages: the prefix call, the clean suffix call, at most one call per (feature, value)
-    assert fp["batched_calls_max"] == n_layers * blocks * (2 + f * len(non_identity))
+    rows_per = 1 + cfg.control_draws  # the feature's row and its random-direction controls
+    assert fp["intervened_suffix_passes_max"] == n_layers * f * len(non_identity) * n * rows_per
+    # per block of b passages: the prefix call, the clean suffix call, at most one call per (feature, value, draw)
+    assert fp["batched_calls_max"] == n_layers * blocks * (2 + f * len(non_identity) * rows_per)
     assert fp["plain_full_passes"] == n_layers * (f * len(values) * n + n)
     assert fp["tokens_per_pass"] == cfg.max_len
 
@@ -61,17 +63,20 @@ def test_the_headline_alpha_joins_the_sweep_and_is_counted():
     assert forward_passes(cfg)["intervened_suffix_passes_max"] == 1 * 1 * 1 * 2  # only alpha 3 runs
 
 
-def run_engine(cfg, enc_bias: float, shortcuts: bool = True):
-    """run_layer for every layer of cfg on a tiny model, passages of max_len tokens."""
+def run_engine(cfg, enc_bias: float, shortcuts: bool = True, controls: bool = True):
+    """run_layer for every layer of cfg on a tiny model, passages of max_len tokens (with cfg's control draws
+    unless `controls` is False: the plain way has none)."""
     model = build_model(n_ctx=cfg.max_len)
     tokens = build_tokens(n=cfg.max_passages, t=cfg.max_len)
     features = list(range(cfg.features_per_layer))
     results = []
     for layer in cfg.layers:
         sae = build_sae(hook_name=f"blocks.{layer}.hook_resid_post", enc_bias=enc_bias, seed=layer)
+        draws = cfg.control_draws if controls else 0
+        directions = random_unit_directions(cfg.seed, layer, features, draws, model.cfg.d_model)
         results.append(run_layer(model, sae, layer + 1, tokens, features, list(cfg.alpha_sweep),
                                  intervention=INTERVENTIONS[cfg.intervention], batch_size=cfg.batch_size,
-                                 shortcuts=shortcuts))
+                                 shortcuts=shortcuts, controls=directions))
     return results
 
 
@@ -87,8 +92,10 @@ def test_the_engine_does_as_many_passes_as_reported_when_every_feature_fires_eve
     block_sizes = [min(b, n - b0) for b0 in range(0, n, b)]
     assert all(r.stats.prefix_calls == len(block_sizes) for r in results)  # each passage through the prefix once
     assert sum(r.stats.rows_run for r in results) == fp["intervened_suffix_passes_max"]
-    # per block: one clean suffix call, then the block's f * active * bp variant rows b at a time
-    expected_suffix_calls = sum(1 + math.ceil(f * active * bp / b) for bp in block_sizes)
+    # per block: one clean suffix call, then the block's f * active * bp variant rows (and as many per
+    # control draw) b at a time
+    per = 1 + cfg.control_draws
+    expected_suffix_calls = sum(1 + math.ceil(f * active * bp * per / b) for bp in block_sizes)
     assert all(r.stats.suffix_calls == expected_suffix_calls for r in results)
     calls = sum(r.stats.prefix_calls + r.stats.suffix_calls for r in results)
     assert calls <= fp["batched_calls_max"]
@@ -115,7 +122,7 @@ def test_the_engine_skips_exactly_the_passages_where_a_feature_changes_nothing(n
                    for res in results for fi in range(cfg.features_per_layer)
                    for v in cfg.alpha_sweep for p in range(cfg.max_passages))
     rows = sum(r.stats.rows_run for r in results)
-    assert rows == expected
+    assert rows == expected * (1 + cfg.control_draws)  # a control changes exactly where its feature does
     assert rows <= fp["intervened_suffix_passes_max"]
     calls = sum(r.stats.prefix_calls + r.stats.suffix_calls for r in results)
     assert calls <= fp["batched_calls_max"]
@@ -131,6 +138,6 @@ def test_some_feature_is_silent_in_some_passage_with_the_sparse_sae():
 @pytest.mark.parametrize("name", ["scale_with_identity", "add"])
 def test_the_plain_way_runs_every_feature_value_and_passage_plus_one_clean_pass(name):
     cfg = config(name)
-    results = run_engine(cfg, enc_bias=20.0, shortcuts=False)
+    results = run_engine(cfg, enc_bias=20.0, shortcuts=False, controls=False)
     n = cfg.max_passages
     assert sum(r.stats.rows_run + n for r in results) == forward_passes(cfg)["plain_full_passes"]
