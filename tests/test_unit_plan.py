@@ -60,7 +60,7 @@ def test_the_headline_alpha_joins_the_sweep_and_is_counted():
     cfg = parse_params({"preset": "toy", "layers": [0], "features_per_layer": 1, "alpha": 3.0,
                         "alpha_sweep": [1.0], "max_passages": 2, "batch_size": 2})
     assert cfg.alpha_sweep == (1.0, 3.0)
-    assert forward_passes(cfg)["intervened_suffix_passes_max"] == 1 * 1 * 1 * 2  # only alpha 3 runs
+    assert forward_passes(cfg)["intervened_suffix_passes_max"] == 1 * 1 * 1 * 2 * (1 + cfg.control_draws)  # only alpha 3
 
 
 def run_engine(cfg, enc_bias: float, shortcuts: bool = True, controls: bool = True):
