@@ -23,7 +23,7 @@ from pipeline.artifacts import ModelRecord
 from pipeline.config import Config
 from pipeline.engine.forward import FeatureEncoder
 from pipeline.engine.interventions import INTERVENTIONS
-from pipeline.engine.metrics import density, top_tokens, variant_metrics
+from pipeline.engine.metrics import density, max_activation, top_tokens, variant_metrics
 from pipeline.engine.run import LayerResult, run_layer
 from pipeline.engine.snippets import direct_logit_effect, feature_snippets
 from pipeline.errors import NonFiniteMetricError, UserError
@@ -78,7 +78,7 @@ def layer_rows(result: LayerResult, layer: int, config: Config, tokenizer) -> li
                 "is_headline": value == config.alpha,
                 **m,
                 "density": density(scored),
-                "max_act": float(scored.max()) if scored.size else math.nan,
+                "max_act": max_activation(scored),
                 "top_promoted": _token_list(promoted, tokenizer),
                 "top_suppressed": _token_list(suppressed, tokenizer),
             })
@@ -127,7 +127,7 @@ def layer_detail(model, sae, plan, tokens: np.ndarray, result: LayerResult, conf
             "feature": feature,
             "neuronpedia_url": plan.neuronpedia_url(feature),
             "density": density(scored),
-            "max_act": float(scored.max()),
+            "max_act": max_activation(scored),
             "live_threshold": result.live[fi].threshold,
             "direct_logit_effect": direct_logit_effect(model, encoder.directions[fi], tokenizer, config.top_k_tokens),
             "snippets": feature_snippets(model, encoder, plan.resume_at, tokens, fi, scored, config.alpha,
