@@ -1,11 +1,12 @@
 """feature_source `auto`: choose features from activation statistics on the study's own corpus.
 
 For each layer every SAE feature's density (fraction of scored positions where it fires, a != 0,
-so a feature that fires negatively, as AbsTopK's can, counts) and maximum |activation| are measured
-on data/tokens.npy, at the tensor the engine intervenes on (the residual entering block resume_at). Candidates are the features whose density
-lies in [min_density, max_density]: not dead, not always on. The candidates, sorted by density,
-are split into `features_per_layer` equal groups; from each group the feature with the largest
-maximum activation is taken, unless its main firing token is that of a feature already chosen in
+so a feature that fires negatively, as AbsTopK's can, counts) and maximum |activation| are
+measured on data/tokens.npy, at the tensor the engine intervenes on (the residual entering block
+resume_at, whichever hook the study uses). Candidates are the features whose density lies in
+[min_density, max_density]: not dead, not always on. The candidates, sorted by density, are split
+into `features_per_layer` equal groups; from each group the feature with the largest maximum
+|activation| is taken, unless its main firing token is that of a feature already chosen in
 the layer, in which case the next strongest of the group's top 16 that differs is. So the choice
 spans the density band, favours features that fire strongly when they fire, and does not fill a
 layer with five features of one token. It is deterministic (ties go to the lower index).
