@@ -134,9 +134,18 @@ def _load_model(name: str, device: torch.device, dtype: str,
             ) from None
     if model.cfg.positional_embedding_type == "shortformer":
         raise UserError(f"model '{name}' uses shortformer positions; resuming mid-model is not supported")
+    check_causal(model, name)
     model.eval()
     model.requires_grad_(False)
     return model
+
+
+def check_causal(model: HookedTransformer, name: str) -> None:
+    """The engine leaves positions before an intervention's first change clean: true only when no
+    position attends to a later one."""
+    if model.cfg.attention_dir != "causal":
+        raise UserError(f"model '{name}' has attention_dir '{model.cfg.attention_dir}'; only causal attention "
+                        "is supported (the engine reuses the clean logits before the first intervened position)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -180,13 +189,31 @@ def check_sae(sae: SAE, plan: LayerPlan) -> None:
     meta_hook = sae.cfg.metadata.hook_name
     if meta_hook is not None and not same_tensor(meta_hook, plan.hook):
         raise UserError(f"SAE {plan.sae_id} reads {meta_hook}, not {plan.hook}")
+    check_sae_decoder(sae, plan.sae_id)
+
+
+# SAE-Lens architectures whose decode is sum_i a_i d_i + b_dec with d_i a fixed direction per feature
+# (pipeline.engine.forward.FeatureEncoder gives d_i), and why the others are not.
+LINEAR_DECODERS = ("standard", "jumprelu", "gated", "topk", "abstopk", "matching_pursuit")
+_REFUSED = {
+    "temporal": "a temporal SAE: its codes depend on earlier positions and its splice keeps no error term",
+    "transcoder": "a transcoder: it writes to another hook than it reads",
+}
+
+
+def check_sae_decoder(sae: SAE, name: str) -> None:
+    """Refuse, in one line, an SAE whose splice is not x + (value's shift) * a_i * d_i at its own hook."""
+    arch = sae.cfg.architecture()
+    if arch not in LINEAR_DECODERS:
+        why = _REFUSED.get("transcoder" if "transcoder" in arch else arch, "not known to decode linearly")
+        raise UserError(f"SAE {name} has architecture '{arch}' ({why}); supported: {', '.join(LINEAR_DECODERS)}")
     if sae.cfg.normalize_activations not in ("none", None):
         raise UserError(
-            f"SAE {plan.sae_id} normalises its input ({sae.cfg.normalize_activations}); "
+            f"SAE {name} normalises its input ({sae.cfg.normalize_activations}); "
             "only SAEs with normalize_activations 'none' are supported"
         )
     if sae.cfg.reshape_activations != "none":
-        raise UserError(f"SAE {plan.sae_id} reshapes its input ({sae.cfg.reshape_activations}); not supported")
+        raise UserError(f"SAE {name} reshapes its input ({sae.cfg.reshape_activations}); not supported")
 
 
 def sae_model_kwargs(saes: list[SAE]) -> dict[str, Any]:

@@ -86,9 +86,10 @@ def test_top_contexts_take_each_passages_best_position_strongest_first():
 
 
 def test_top_contexts_leave_out_passages_where_the_feature_never_fires():
-    acts = -np.ones((3, 5))
-    acts[2, 3] = 0.0
+    acts = np.zeros((3, 5))
     assert top_contexts(acts, 3) == []
+    acts[1, 2] = -0.5  # a negative activation fires (AbsTopK; issue 13): never fires means a == 0
+    assert top_contexts(acts, 3) == [(1, 3, -0.5)]
 
 
 def test_top_contexts_break_ties_by_earlier_passage_then_earlier_position():

@@ -130,7 +130,7 @@ def model_in(model, dtype: torch.dtype):
 def feature_encoder(sae, features: Sequence[int], dtype: torch.dtype
                     ) -> tuple[Callable[[torch.Tensor], torch.Tensor], torch.Tensor]:
     """(encode, directions) in `dtype`: encode(x)[..., i] is feature features[i]'s activation by SAE-Lens's own
-    `encode`, directions[i] its decoder row.
+    `encode`, directions[i] its decoder row (divided by its norm where SAE-Lens's decode divides a_i by it).
 
     Where features are encoded independently (standard, JumpReLU) the SAE is cut down to the chosen features (the
     same class and config with d_sae = len(features)), so no more than those columns are computed; otherwise (TopK)
@@ -144,13 +144,16 @@ def feature_encoder(sae, features: Sequence[int], dtype: torch.dtype
         part.eval().requires_grad_(False)
         return part.encode, part.W_dec
     whole = sae if sae.dtype == dtype else copy.deepcopy(sae).to(dtype)
-    return (lambda x: whole.encode(x)[..., list(features)]), whole.W_dec[list(features)]
+    directions = whole.W_dec[list(features)]
+    if getattr(whole.cfg, "rescale_acts_by_decoder_norm", False):  # its decode divides a_i by ||W_dec[i]||
+        directions = directions / whole.W_dec.norm(dim=-1)[list(features), None]
+    return (lambda x: whole.encode(x)[..., list(features)]), directions
 
 
 def definition_live(acts: np.ndarray, live_percentile: float) -> tuple[float, np.ndarray]:
-    """design.md's live set: the positions where the feature fires above max(0, its percentile)."""
-    thr = max(0.0, float(np.percentile(acts, live_percentile)))
-    return thr, acts > thr
+    """design.md's live set: the positions where the feature's |activation| is above max(0, its percentile)."""
+    thr = max(0.0, float(np.percentile(np.abs(acts), live_percentile)))
+    return thr, np.abs(acts) > thr
 
 
 @torch.inference_mode()

@@ -15,6 +15,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from pipeline.engine.interventions import Intervention
+from pipeline.loading import check_sae_decoder
 
 
 def residual_at(model, tokens: Int[Tensor, "batch pos"], resume_at: int) -> Float[Tensor, "batch pos d_model"]:
@@ -59,7 +60,12 @@ def unembed(model, final: Float[Tensor, "*rows d_model"]) -> Float[Tensor, "*row
 
 
 class FeatureEncoder:
-    """Activations a_i(x) of selected SAE features.
+    """Activations a_i(x) of selected SAE features, and their directions d_i: a_i(x) * d_i is exactly
+    feature i's part of the SAE's reconstruction, `sae.decode(acts)` being sum_i a_i d_i + b_dec.
+
+    d_i is W_dec[i], except for a (Abs)TopK SAE with `rescale_acts_by_decoder_norm`, whose decode
+    multiplies a_i by 1 / ||W_dec[i]|| first: there d_i = W_dec[i] / ||W_dec[i]||. SAEs whose
+    reconstruction is not of that form are refused (pipeline.loading.check_sae_decoder).
 
     StandardSAE (ReLU) and JumpReLUSAE compute feature i from column i of W_enc alone, so only
     those columns are multiplied: for 5 of 24,576 features that is ~5,000x less encoder work.
@@ -69,6 +75,7 @@ class FeatureEncoder:
     def __init__(self, sae, features: list[int]):
         from sae_lens import JumpReLUSAE, StandardSAE
 
+        check_sae_decoder(sae, sae.cfg.metadata.hook_name or "given")
         self.sae = sae
         self.index = torch.tensor(features, dtype=torch.long, device=sae.W_enc.device)
         kind = type(sae)
@@ -79,6 +86,8 @@ class FeatureEncoder:
             self.b_enc = sae.b_enc[self.index]
             self.threshold = sae.threshold[self.index] if self.jump else None
         self.directions = sae.W_dec[self.index]  # [F, d_in]
+        if getattr(sae.cfg, "rescale_acts_by_decoder_norm", False):  # TopK's act_times_W_dec
+            self.directions = self.directions * (1 / self.directions.norm(dim=-1, keepdim=True))
 
     def __call__(self, resid: Float[Tensor, "*batch pos d_model"]) -> Float[Tensor, "*batch pos n_feat"]:
         if not self.column_separable:

@@ -1,7 +1,8 @@
 """What an intervention does to the residual stream: one small pure delta function each.
 
 At hook h = blocks.L.hook_resid_post, with a = a_i(x_t) feature i's activation from the SAE
-encoder and d = W_dec[i], every position t >= 1 (never BOS) becomes x_t + delta_t:
+encoder and d = W_dec[i] (its direction in the SAE's decode: pipeline.engine.forward.FeatureEncoder),
+every position t >= 1 (never BOS) becomes x_t + delta_t:
 
     scale(alpha):  delta = (alpha - 1) * a * d     (SAE spliced in with its error term, feature i
                                                     scaled by alpha: alpha = 1 is the clean model,

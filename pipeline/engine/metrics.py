@@ -6,8 +6,11 @@ no next token. Every array here is [N, S] over those positions, column j holding
 
 - ce = -log softmax(logits)[X[n, t+1]];  delta_ce = mean(ce_int) - mean(ce_clean)
 - kl = sum_v p_clean (log p_clean - log p_int), nats, averaged over scored positions
-- live positions: scored (n, t) with a_i(x_t) > max(0, q), q the `live_percentile`-th percentile
-  (numpy's linear interpolation) of a_i over all scored positions; live means are NaN when no
+- a feature fires where a_i(x_t) != 0 (AbsTopK-style SAEs fire negatively too); `density` is the
+  fraction of scored positions where it fires, `max_activation` its largest |a_i|
+- live positions: scored (n, t) with |a_i(x_t)| > max(0, q), q the `live_percentile`-th percentile
+  (numpy's linear interpolation) of |a_i| over all scored positions; for non-negative activations
+  (ReLU, JumpReLU, TopK) that is a_i > max(0, q), q of a_i, bit for bit; live means are NaN when no
   position is live, never 0
 Uncertainty (by document, not passage) is pipeline.engine.inference's.
 """
@@ -22,15 +25,17 @@ import numpy as np
 
 @dataclass(frozen=True)
 class LiveSet:
-    threshold: float  # max(0, q)
+    threshold: float  # max(0, q), q the percentile of |a|
     mask: np.ndarray  # bool [N, S]
 
 
 def live_positions(acts_scored: np.ndarray, percentile: float) -> LiveSet:
-    """Live positions of one feature from its activations at the scored positions [N, S]."""
-    q = float(np.percentile(acts_scored.astype(np.float64), percentile))
+    """Live positions of one feature from its activations at the scored positions [N, S]: where its
+    magnitude |a| is above max(0, the percentile of |a|), so negative firings count."""
+    magnitude = np.abs(acts_scored)
+    q = float(np.percentile(magnitude.astype(np.float64), percentile))
     threshold = max(0.0, q)
-    return LiveSet(threshold=threshold, mask=acts_scored > threshold)
+    return LiveSet(threshold=threshold, mask=magnitude > threshold)
 
 
 def _masked_mean(values: np.ndarray, mask: np.ndarray) -> float:
@@ -63,8 +68,13 @@ def variant_metrics(ce_clean: np.ndarray, ce_int: np.ndarray, kl: np.ndarray,
 
 
 def density(acts_scored: np.ndarray) -> float:
-    """Fraction of scored positions where the feature fires (a > 0)."""
-    return float((acts_scored > 0).mean()) if acts_scored.size else math.nan
+    """Fraction of scored positions where the feature fires (a != 0)."""
+    return float((acts_scored != 0).mean()) if acts_scored.size else math.nan
+
+
+def max_activation(acts_scored: np.ndarray) -> float:
+    """The feature's largest activation magnitude |a| over the scored positions (its max for a >= 0)."""
+    return float(np.abs(acts_scored).max()) if acts_scored.size else math.nan
 
 
 def top_tokens(mean_delta: np.ndarray, k: int) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:

@@ -18,20 +18,23 @@ TOP_PREDICTIONS = 5
 
 
 def top_contexts(acts_scored: np.ndarray, n: int) -> list[tuple[int, int, float]]:
-    """(passage, position t, activation) of the n strongest firings, at most one per passage.
+    """(passage, position t, activation) of the n strongest firings (largest |a|, the sign kept), at
+    most one per passage.
 
     acts_scored is [N, S] over positions t = 1..T-2. Ties go to the earlier passage and position.
     """
     if n == 0:
         return []
-    best_t = acts_scored.argmax(axis=1)
-    best = acts_scored[np.arange(acts_scored.shape[0]), best_t]
-    order = np.lexsort((np.arange(len(best)), -best))
+    magnitude = np.abs(acts_scored)
+    best_t = magnitude.argmax(axis=1)
+    rows = np.arange(acts_scored.shape[0])
+    best = magnitude[rows, best_t]
+    order = np.lexsort((rows, -best))
     out = []
     for p in order[:n]:
-        if best[p] <= 0:
+        if best[p] == 0:
             break
-        out.append((int(p), int(best_t[p]) + 1, float(best[p])))
+        out.append((int(p), int(best_t[p]) + 1, float(acts_scored[p, best_t[p]])))
     return out
 
 

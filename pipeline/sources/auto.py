@@ -1,10 +1,12 @@
 """feature_source `auto`: choose features from activation statistics on the study's own corpus.
 
-For each layer every SAE feature's density (fraction of scored positions where it fires) and
-maximum activation are measured on data/tokens.npy. Candidates are the features whose density
-lies in [min_density, max_density]: not dead, not always on. The candidates, sorted by density,
-are split into `features_per_layer` equal groups; from each group the feature with the largest
-maximum activation is taken, unless its main firing token is that of a feature already chosen in
+For each layer every SAE feature's density (fraction of scored positions where it fires, a != 0,
+so a feature that fires negatively, as AbsTopK's can, counts) and maximum |activation| are
+measured on data/tokens.npy, at the tensor the engine intervenes on (the residual entering block
+resume_at, whichever hook the study uses). Candidates are the features whose density lies in
+[min_density, max_density]: not dead, not always on. The candidates, sorted by density, are split
+into `features_per_layer` equal groups; from each group the feature with the largest maximum
+|activation| is taken, unless its main firing token is that of a feature already chosen in
 the layer, in which case the next strongest of the group's top 16 that differs is. So the choice
 spans the density band, favours features that fire strongly when they fire, and does not fill a
 layer with five features of one token. It is deterministic (ties go to the lower index).
@@ -32,10 +34,10 @@ from pipeline.tokenizer import Tokenizer, quote_token
 @torch.inference_mode()
 def activation_stats(model, saes: dict, plans: dict[int, LayerPlan], tokens: np.ndarray, batch_size: int
                      ) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray], int]:
-    """Per layer: firing counts [d_sae] and max activations [d_sae] over the scored positions."""
+    """Per layer: firing counts (a != 0) [d_sae] and max |activations| [d_sae] over the scored positions."""
     device = next(model.parameters()).device
     hooks = {plans[layer].hook: layer for layer in saes}
-    stop = max(plans[layer].resume_at for layer in saes)
+    stop = max(_hook_block(plans[layer].hook) for layer in saes) + 1  # the blocks whose hooks we read
     counts = {layer: torch.zeros(saes[layer].cfg.d_sae, dtype=torch.long, device=device) for layer in saes}
     maxes = {layer: torch.zeros(saes[layer].cfg.d_sae, device=device) for layer in saes}
     batches = tqdm(range(0, len(tokens), batch_size), desc="features: activation statistics", unit="batch",
@@ -45,11 +47,17 @@ def activation_stats(model, saes: dict, plans: dict[int, LayerPlan], tokens: np.
         _, cache = model.run_with_cache(tok, names_filter=list(hooks), stop_at_layer=stop)
         for hook, layer in hooks.items():
             acts = saes[layer].encode(cache[hook][:, 1:-1]).float()  # scored positions
-            counts[layer] += (acts > 0).sum(dim=(0, 1))
-            maxes[layer] = torch.maximum(maxes[layer], acts.amax(dim=(0, 1)))
+            counts[layer] += (acts != 0).sum(dim=(0, 1))
+            maxes[layer] = torch.maximum(maxes[layer], acts.abs().amax(dim=(0, 1)))
     n_scored = tokens.shape[0] * (tokens.shape[1] - 2)
     return ({k: v.cpu().numpy() for k, v in counts.items()}, {k: v.cpu().numpy() for k, v in maxes.items()},
             n_scored)
+
+
+def _hook_block(hook: str) -> int:
+    """The block a hook belongs to: blocks.L.hook_resid_pre runs at block L's entry, so a forward
+    pass stopped before block L (stop_at_layer=L) never fires it; stopping after block L does."""
+    return int(hook.split(".")[1])
 
 
 SHORTLIST = 16  # candidates per density group whose firing tokens are looked at
@@ -102,7 +110,7 @@ def firing_profiles(model, sae, plan: LayerPlan, tokens: np.ndarray, features: l
         acts = encoder(residual_at(model, tok, plan.resume_at))[:, 1:-1].cpu().numpy()
         ids = tok.cpu().numpy()
         for i, f in enumerate(features):
-            n, t = np.nonzero(acts[..., i] > 0)  # t indexes scored positions: token position t + 1
+            n, t = np.nonzero(acts[..., i] != 0)  # t indexes scored positions: token position t + 1
             profiles[f].on.update(ids[n, t + 1].tolist())
             profiles[f].before.update(ids[n, t].tolist())
     return profiles

@@ -26,7 +26,7 @@ from pipeline.engine.controls import random_unit_directions
 from pipeline.engine.forward import FeatureEncoder
 from pipeline.engine.inference import nan_allowed, row_inference
 from pipeline.engine.interventions import INTERVENTIONS, Intervention
-from pipeline.engine.metrics import density, top_tokens, variant_metrics
+from pipeline.engine.metrics import density, max_activation, top_tokens, variant_metrics
 from pipeline.engine.resampling import Resampler
 from pipeline.engine.run import LayerResult, run_layer
 from pipeline.engine.snippets import direct_logit_effect, feature_snippets
@@ -67,7 +67,7 @@ def layer_rows(result: LayerResult, layer: int, config: Config, tokenizer, rs: R
     resid_norm = result.resid_norm[:, 1:-1].astype(np.float64)
     for fi, feature in enumerate(result.features):
         scored = result.acts_scored(fi)
-        max_act = float(scored.max()) if scored.size else math.nan
+        max_act = max_activation(scored)
         for ai, value in enumerate(result.values):
             m = variant_metrics(result.ce_clean, result.ce_int[fi, ai], result.kl[fi, ai], scored, result.live[fi])
             mean_delta = result.mean_delta(fi, ai)
@@ -155,7 +155,7 @@ def layer_detail(model, sae, plan, tokens: np.ndarray, result: LayerResult, conf
             "feature": feature,
             "neuronpedia_url": plan.neuronpedia_url(feature),
             "density": density(scored),
-            "max_act": float(scored.max()),
+            "max_act": max_activation(scored),
             "live_threshold": result.live[fi].threshold,
             "direct_logit_effect": direct_logit_effect(model, encoder.directions[fi], tokenizer, config.top_k_tokens),
             "snippets": feature_snippets(model, encoder, plan.resume_at, tokens, fi, scored, config.alpha,
