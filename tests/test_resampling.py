@@ -72,7 +72,7 @@ def _study(rng, seed, n_tests, n_docs, shift=0.0):
     shared = rng.standard_normal(n_docs) * np.sqrt(counts)
     rs = Resampler.for_passages(list(range(n_docs)), seed=seed, stream=0, n_boot=10, n_flips=2000)
     p = []
-    for j in range(n_tests):
+    for _ in range(n_tests):
         noise = 0.7 * shared * rng.uniform(0.5, 1.5) + rng.standard_normal(n_docs) * np.sqrt(counts)
         p.append(rs.sign_flip(noise + shift * counts, counts)[0])
     return np.array(p)

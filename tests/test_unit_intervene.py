@@ -7,9 +7,9 @@ import math
 import pandas as pd
 import pytest
 
+from pipeline.engine.inference import INFERENCE_COLUMNS
 from pipeline.errors import NonFiniteMetricError, UserError
 from pipeline.stages.aggregate import sanity
-from pipeline.engine.inference import INFERENCE_COLUMNS
 from pipeline.stages.intervene import check_finite
 
 NAN_ALLOWED_WHEN_NO_LIVE = ("mean_act_live", "delta_ce_live", "kl_live")
