@@ -150,28 +150,49 @@ def generate_batch(model, encoder: FeatureEncoder, resume_at: int, prompts: list
     return out.cpu()
 
 
+def batches(prompts: list[list[int]], rows: Rows, batch_size: int) -> list[list[int]]:
+    """Row indices in batches of at most `batch_size`: a prompt's rows together (they share its pass),
+    prompts in order of length, and a new batch when a prompt is over twice the batch's shortest
+    (left padding to it would cost more than it saves)."""
+    groups: dict[int, list[int]] = {}
+    for r, p in enumerate(rows.prompt):
+        groups.setdefault(p, []).append(r)
+    out: list[list[int]] = []
+    shortest = 0
+    for p in sorted(groups, key=lambda q: (len(prompts[q]), q)):
+        for start in range(0, len(groups[p]), batch_size):
+            part = groups[p][start:start + batch_size]
+            if out and len(out[-1]) + len(part) <= batch_size and len(prompts[p]) <= 2 * shortest:
+                out[-1] += part
+            else:
+                out.append(part)
+                shortest = len(prompts[p])
+    return out
+
+
 def generate(model, encoder: FeatureEncoder, resume_at: int, prompts: list[list[int]], rows: Rows, n_tokens: int,
              temperature: float, seed: int, intervention: Intervention, batch_size: int, progress=None
              ) -> Int[Tensor, "rows n_tokens"]:
-    """All rows, `batch_size` at a time in the given order (keep a prompt's rows together: they share
-    its pass), halving the batch on out-of-memory."""
+    """Every row's generated ids, in the rows' order, computed in `batches`; the batch size halves
+    itself on out-of-memory. Batching changes no token: the sampling noise belongs to the prompt."""
     from pipeline.engine.forward import is_oom
 
-    out, start = [], 0
-    while start < len(rows):
-        chunk = list(range(start, min(start + batch_size, len(rows))))
+    out = torch.empty((len(rows), n_tokens), dtype=torch.long)
+    todo = batches(prompts, rows, batch_size)
+    while todo:
+        chunk = todo.pop(0)
         try:
-            out.append(generate_batch(model, encoder, resume_at, prompts, rows.take(chunk), n_tokens, temperature,
-                                      seed, intervention))
+            out[chunk] = generate_batch(model, encoder, resume_at, prompts, rows.take(chunk), n_tokens, temperature,
+                                        seed, intervention)
         except (RuntimeError, torch.cuda.OutOfMemoryError) as exc:
-            if not is_oom(exc) or batch_size == 1:
+            if not is_oom(exc) or len(chunk) == 1:
                 raise
-            batch_size //= 2
+            half = len(chunk) // 2
+            todo[:0] = [chunk[:half], chunk[half:]]
             continue
-        start += len(chunk)
         if progress is not None:
             progress(len(chunk))
-    return torch.cat(out) if out else torch.empty((0, n_tokens), dtype=torch.long)
+    return out
 
 
 @dataclass(frozen=True)
@@ -190,8 +211,9 @@ def clean_readout(model, encoder: FeatureEncoder, resume_at: int, prompts: list[
     device = next(model.parameters()).device
     n = generated.shape[1]
     acts, nll = [], []
-    for start in range(0, len(prompt_index), batch_size):
-        idx = range(start, min(start + batch_size, len(prompt_index)))
+    order = sorted(range(len(prompt_index)), key=lambda i: (len(prompts[prompt_index[i]]), i))  # little padding
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
         seqs = [prompts[prompt_index[i]] + generated[i].tolist() for i in idx]
         tokens, mask = left_pad(seqs, pad_id=seqs[0][0], device=device)
         resid = model(tokens, stop_at_layer=resume_at, attention_mask=mask)
@@ -205,4 +227,5 @@ def clean_readout(model, encoder: FeatureEncoder, resume_at: int, prompts: list[
         for row in range(final.shape[0]):  # one row's logits at a time: [n, d_vocab] stays small
             logp = torch.log_softmax(unembed(model, final[row]), dim=-1)
             nll.append(-logp.gather(-1, targets[row, :, None]).squeeze(-1).cpu())
-    return Readout(acts=torch.cat(acts), nll=torch.stack(nll))
+    back = torch.tensor(order).argsort()
+    return Readout(acts=torch.cat(acts)[back], nll=torch.stack(nll)[back])
