@@ -136,3 +136,15 @@ def test_the_clean_readout_is_the_clean_models_activations_and_loss_on_the_text(
 def test_left_padding_masks_the_pads():
     tokens, mask = left_pad([[0, 1, 2], [0]], pad_id=0, device="cpu")
     assert tokens.tolist() == [[0, 1, 2], [0, 0, 0]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+
+
+def test_batches_keep_a_prompts_rows_together_shortest_prompts_first_and_bounded():
+    from pipeline.engine.generate import batches
+
+    prompts = [[0] * 10, [0] * 2, [0] * 3, [0] * 40]
+    rows = Rows([0, 0, 1, 1, 1, 2, 3, 3], [-1] * 8, [0.0] * 8, [False] * 8)
+    out = batches(prompts, rows, batch_size=4)
+    assert sorted(r for b in out for r in b) == list(range(8)) and all(len(b) <= 4 for b in out)
+    assert out[0] == [2, 3, 4, 5]  # the 2-token prompt's rows, then the 3-token one's: shortest first
+    assert out[1:] == [[0, 1], [6, 7]]  # over twice the batch's shortest prompt: a batch of its own
+    assert batches(prompts, rows, batch_size=2) == [[2, 3], [4, 5], [0, 1], [6, 7]]

@@ -178,11 +178,11 @@ def run_generate_stage(config: Config | StageParams) -> pd.DataFrame:
     tokens = artifacts.read_tokens()
 
     with stage_record("generate", layers=list(config.layers)) as record:
+        tokenizer = study_tokenizer(model_record)
+        neutral = prompt_ids(config, tokenizer, model_record.model.n_ctx)  # refused before anything loads
         device = resolve_device(config.device)
         record["device"] = device_description(device)
         model = load_study_model(model_record, device, config.dtype)
-        tokenizer = study_tokenizer(model_record)
-        neutral = prompt_ids(config, tokenizer, model.cfg.n_ctx)
         tables, details = [], []
         with tqdm(desc="generate", unit="row", disable=None, leave=False) as bar:
             for plan in plans:
