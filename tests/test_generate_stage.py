@@ -180,3 +180,13 @@ def test_the_stage_is_in_dvc_yaml_without_alpha():
     stage = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["generate"]
     assert "alpha" not in stage["params"] and "foreach" not in stage
     assert {str(artifacts.GENERATION_METRICS), str(artifacts.GENERATIONS)} <= set(stage["outs"])
+
+
+def test_the_report_shows_the_features_whose_steering_changed_the_text_most():
+    from pipeline.report.generation import shown_features
+
+    rows = [{c: 0.0 for c in artifacts.GENERATION_COLUMNS} | {"layer": 3, "feature": f, "alpha": a, "decoding": d,
+            "frac_changed": changed, "concept_act": gain * a}
+            for f, changed, gain in [(10, 0.5, 0.0), (11, 0.0, 9.0), (12, 0.5, 1.0), (13, 1.0, 0.0)]
+            for a in (0.0, 4.0) for d in ("greedy", "sampled")]
+    assert shown_features(pd.DataFrame(rows), 3, n=3) == [13, 12, 10]

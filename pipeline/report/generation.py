@@ -1,7 +1,6 @@
 """The report's steered-generation section: what the model writes with a feature turned up.
 
-Per layer, for the GEN_FEATURES_SHOWN features whose activation in the text rose most at the
-largest value, a table of prompt, clean continuation and the continuation at each value side by
+Per layer, for the GEN_FEATURES_SHOWN features whose steering changed the text most, a table of prompt, clean continuation and the continuation at each value side by
 side (sampled and greedy), each generated token shaded by the feature's activation there (the
 clean model reading the text back), and a small figure of concept activation and fluency (the
 clean model's loss on the text) against the value. Read from data/generations.json and
@@ -38,13 +37,15 @@ def _load(inputs: ReportInputs) -> tuple[dict[str, Any], pd.DataFrame]:
 
 
 def shown_features(table: pd.DataFrame, layer: int, n: int = GEN_FEATURES_SHOWN) -> list[int]:
-    """The n features of a layer whose sampled concept activation rose most over the clean text at the
-    largest value (ties: the lower index)."""
-    rows = table[(table["layer"] == layer) & (table["decoding"] == "sampled")]
-    top = rows[rows["alpha"] == rows["alpha"].max()]
+    """The n features of a layer whose steering changed the most continuations (mean of frac_changed
+    over values and decodings), then whose sampled concept activation rose most over the clean text
+    at the largest value, then the lower index."""
+    rows = table[table["layer"] == layer]
+    changed = rows.groupby("feature")["frac_changed"].mean().fillna(0.0)
+    top = rows[(rows["decoding"] == "sampled") & (rows["alpha"] == rows["alpha"].max())].set_index("feature")
     gain = (top["concept_act"] - top["concept_act_clean"]).fillna(-math.inf)
-    order = sorted(zip(gain, top["feature"], strict=True), key=lambda x: (-x[0], x[1]))
-    return [int(f) for _, f in order[:n]]
+    order = sorted(changed.index, key=lambda f: (-changed[f], -gain.get(f, -math.inf), f))
+    return [int(f) for f in order[:n]]
 
 
 def _text_html(tokens: list[str], acts: list[float] | None, scale: float) -> str:
