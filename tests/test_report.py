@@ -299,5 +299,5 @@ def test_the_generation_section_shows_clean_and_steered_text_side_by_side(study)
     for table in tables:
         head = table.split("</thead>")[0]
         assert "<th>Clean</th>" in head and all(f"<th>α = {a:g}</th>" in head for a in config.generate_alphas)
-    figures = [a for tag, a in page.elements if tag == "img" and a.get("alt", "").startswith("Layer ")]
+    figures = [a for tag, a in page.elements if tag == "img" and (a.get("alt") or a.get("aria-label") or "").startswith("Layer ")]
     assert len(figures) == len(LAYERS) and all(f["src"].startswith("data:image/png;base64,") for f in figures)
