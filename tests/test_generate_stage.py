@@ -75,11 +75,12 @@ def test_the_stage_writes_a_row_per_layer_feature_value_and_decoding(toy, monkey
 
 
 def test_sampled_continuations_are_reproducible_from_the_seed(toy, monkeypatch):
-    run(toy, monkeypatch, generate_alphas=[4])
+    small = {"layers": [11], "generate_alphas": [4], "generate_prompts": ["x = "], "generate_tokens": 3}
+    run(toy, monkeypatch, **small)
     first = (toy / artifacts.GENERATIONS).read_bytes()
-    run(toy, monkeypatch, generate_alphas=[4])
+    run(toy, monkeypatch, **small)
     assert (toy / artifacts.GENERATIONS).read_bytes() == first
-    run(toy, monkeypatch, generate_alphas=[4], seed=99)
+    run(toy, monkeypatch, **small, seed=99)
     assert (toy / artifacts.GENERATIONS).read_bytes() != first
 
 
