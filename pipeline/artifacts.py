@@ -32,12 +32,14 @@ DOCUMENTED_FEATURES = DATA / "res_jb_documented_features.csv"  # an input in git
 NEURONPEDIA_CACHE = DATA / "neuronpedia_cache"
 DETAIL_DIR = DATA / "detail"
 RUNS_DIR = DATA / "runs"
+GENERATIONS = DATA / "generations.json"  # stage generate: every prompt and continuation, per layer
 
 METRICS = Path("metrics")
 LAYER_METRICS_DIR = METRICS / "layers"
 PER_FEATURE = METRICS / "per_feature_metrics.csv"
 PER_LAYER = METRICS / "per_layer_summary.csv"
 SUMMARY = METRICS / "summary.json"
+GENERATION_METRICS = METRICS / "generation.csv"  # stage generate: one row per (layer, feature, alpha, decoding)
 
 PLOTS = Path("plots")
 LAYER_DCE_CSV = PLOTS / "layer_dce.csv"
@@ -75,6 +77,13 @@ PER_FEATURE_COLUMNS = [
     "density", "max_act", "source_density", "source_max_act",
     "top_promoted", "top_suppressed", "np_pos_tokens", "np_neg_tokens",
     "neuronpedia_url", "source", "n_passages", "n_scored",
+]
+# metrics/generation.csv, as `generate` writes it (measures: pipeline.engine.generation_metrics).
+GENERATION_MEASURES = ("concept_act", "concept_frac", "loss", "distinct_1", "distinct_2", "repetition",
+                       "promoted_frac")
+GENERATION_COLUMNS = [
+    "layer", "feature", "alpha", "intervention", "decoding", "n_prompts",
+    *(c for m in GENERATION_MEASURES for c in (m, f"{m}_clean")), "frac_changed",
 ]
 # A KL recomputed from float32 logits can come out at about -1e-9 where it is exactly 0.
 KL_TOLERANCE = 1e-6
@@ -225,6 +234,18 @@ def read_features(layers: tuple[int, ...] | list[int] | None = None) -> pd.DataF
     return frame
 
 
+def read_generation_metrics() -> pd.DataFrame:
+    """metrics/generation.csv (GENERATION_COLUMNS)."""
+    import pandas as pd
+
+    return pd.read_csv(need(GENERATION_METRICS, "generate"), keep_default_na=False, na_values=["", "nan", "NaN"])
+
+
+def read_generations() -> dict[str, Any]:
+    """data/generations.json: per layer, the prompts, the features and every continuation."""
+    return read_json(need(GENERATIONS, "generate"))
+
+
 def read_per_feature() -> pd.DataFrame:
     """metrics/per_feature_metrics.csv; empty cells are NaN, a token or label "NA" stays text."""
     import pandas as pd
@@ -259,3 +280,9 @@ def write_per_feature(frame: pd.DataFrame) -> None:
     if list(frame.columns) != PER_FEATURE_COLUMNS:
         raise ValueError(f"{PER_FEATURE} needs the columns {PER_FEATURE_COLUMNS}, got {list(frame.columns)}")
     write_csv(PER_FEATURE, frame)
+
+
+def write_generation_metrics(frame: pd.DataFrame) -> None:
+    if list(frame.columns) != GENERATION_COLUMNS:
+        raise ValueError(f"{GENERATION_METRICS} needs the columns {GENERATION_COLUMNS}, got {list(frame.columns)}")
+    write_csv(GENERATION_METRICS, frame)

@@ -146,6 +146,14 @@ def intervene(layer: int = typer.Option(..., "--layer", help="The layer to run (
 
 
 @app.command()
+def generate() -> None:
+    """Stage `generate`: steered vs clean continuations of prompts -> metrics/generation.csv, data/generations.json."""
+    frame = _run("pipeline.stages.generate:run_generate_stage")
+    typer.echo(f"generate: {len(frame)} rows over {frame['layer'].nunique()} layers -> {artifacts.GENERATION_METRICS}, "
+               f"{artifacts.GENERATIONS}")
+
+
+@app.command()
 def aggregate() -> None:
     """Stage `aggregate`: per-layer tables -> per-feature / per-layer CSVs and metrics/summary.json."""
     result = _run("pipeline.stages.aggregate:run_aggregate_stage")

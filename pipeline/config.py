@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from pipeline.engine.identity import INTERVENTION_NAMES
+from pipeline.engine.identity import INTERVENTION_IDENTITY, INTERVENTION_NAMES
 from pipeline.errors import UserError
 
 PARAMS = Path("params.yaml")
@@ -77,7 +77,7 @@ DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 class Param:
     """How one params.yaml key is read: its kind, default, help line and check."""
 
-    kind: str  # "int", "float", "str", "int_list", "float_list"
+    kind: str  # "int", "float", "str", "int_list", "float_list", "str_list"
     default: Any
     help: str
     nullable: bool = False
@@ -112,6 +112,10 @@ def _layers_ok(v: list[int]) -> str | None:
     if min(v) < 0:
         return "layer indices >= 0"
     return None
+
+
+def _positive(v: float) -> str | None:
+    return None if v > 0 else "a number > 0"
 
 
 def _device_ok(v: str) -> str | None:
@@ -157,6 +161,13 @@ class Config:
     batch_size: int = param("int", 16, "rows per forward pass; halves itself on out-of-memory", check=_range(1))
     device: str = param("str", "auto", "auto, cpu, cuda, cuda:N or mps", check=_device_ok)
     dtype: str = param("str", "float32", "model and SAE dtype", check=_choice(DTYPES))
+    generate_alphas: tuple[float, ...] = param("float_list", None, "values generated with (null: the sweep's, "
+                                               "identity left out)", nullable=True)
+    generate_tokens: int = param("int", 32, "tokens generated per continuation", check=_range(1))
+    generate_temperature: float = param("float", 0.7, "temperature of the sampled continuations", check=_positive)
+    generate_prompts: tuple[str, ...] = param("str_list", ["The", "I think that", "In the beginning", "My favourite",
+                                                           "Today, the"], "neutral prompts continued", check=_nonempty)
+    generate_batch_size: int = param("int", 256, "continuations generated together (one KV cache)", check=_range(1))
     toy_lm_steps: int = param("int", 1500, "toy preset: language-model training steps", check=_range(0))
     toy_sae_steps: int = param("int", 1500, "toy preset: SAE training steps per layer", check=_range(0))
     plot_dpi: int = param("int", 150, "resolution of the PNG figures", check=_range(50, 600))
@@ -178,7 +189,10 @@ PARAM_SPECS: dict[str, Param] = {f.name: f.metadata["param"] for f in fields(Con
 # Keys whose null value is filled from the preset: a stage reading one depends on `preset` too.
 PRESET_KEYS = tuple(f.name for f in fields(Preset) if f.name in PARAM_SPECS)
 # Config properties and the keys they read.
-DERIVED_KEYS = {"preset_info": ("preset",), "model_is_local": ("model",), "saes_are_local": ("sae_release",)}
+DERIVED_KEYS = {"preset_info": ("preset",), "model_is_local": ("model",), "saes_are_local": ("sae_release",),
+                # null generate_alphas is resolved from alpha_sweep (as written, not with `alpha` added) and
+                # the intervention's identity: a stage reading it depends on those two keys as well.
+                "generate_alphas": ("generate_alphas", "alpha_sweep", "intervention")}
 
 
 def is_local_path(value: str) -> bool:
@@ -210,6 +224,10 @@ def _coerce(key: str, field: Param, value: Any, source: str) -> Any:
             raise UserError(f"{where} is {_describe(value)}; it needs a list such as [0, 1, 2]")
         conv = _as_int if kind == "int_list" else _as_float
         value = [conv(f"{where}[{i}]", v) for i, v in enumerate(value)]
+    elif kind == "str_list":
+        if not isinstance(value, list):
+            raise UserError(f"{where} is {_describe(value)}; it needs a list of strings such as [\"The\"]")
+        value = [_as_str(f"{where}[{i}]", v) for i, v in enumerate(value)]
     if field.check is not None:
         allowed = field.check(value)
         if allowed is not None:
@@ -224,7 +242,14 @@ def _kind_text(kind: str) -> str:
         "str": "a string",
         "int_list": "a list of integers",
         "float_list": "a list of numbers",
+        "str_list": "a list of strings",
     }[kind]
+
+
+def _as_str(where: str, v: Any) -> str:
+    if not isinstance(v, str) or not v.strip():
+        raise UserError(f"{where} is {_describe(v)}; it needs a non-empty string")
+    return v
 
 
 def _as_int(where: str, v: Any) -> int:
@@ -269,6 +294,13 @@ def parse_params(raw: Any, source: str = "params.yaml") -> Config:
             f"({values['max_density']}); allowed: min_density <= max_density"
         )
     # The headline alpha is always part of the sweep; the sweep is kept sorted and unique.
+    # Generation's values, when not given, are the sweep as written minus the intervention's identity:
+    # deliberately not the headline alpha, so `-S alpha=4` reruns no generation.
+    identity = INTERVENTION_IDENTITY[values["intervention"]]
+    if values["generate_alphas"] is None:
+        values["generate_alphas"] = [a for a in values["alpha_sweep"] if a != identity]
+    values["generate_alphas"] = tuple(sorted(set(values["generate_alphas"])))
+    values["generate_prompts"] = tuple(values["generate_prompts"])
     sweep = sorted(set(values["alpha_sweep"]) | {values["alpha"]})
     values["alpha_sweep"] = tuple(sweep)
     values["layers"] = tuple(values["layers"])

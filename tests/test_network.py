@@ -125,6 +125,7 @@ def test_one_layer_of_the_real_study_end_to_end(tmp_path, monkeypatch):
     """model -> tokenize (WikiText-2) -> features (curated csv) -> intervene@6 -> aggregate."""
     from pipeline.stages.aggregate import run_aggregate_stage
     from pipeline.stages.features import run_features_stage
+    from pipeline.stages.generate import run_generate_stage
     from pipeline.stages.intervene import run_intervene_stage
     from pipeline.stages.model import run_model_stage
     from pipeline.stages.tokenize import run_tokenize_stage
@@ -133,7 +134,7 @@ def test_one_layer_of_the_real_study_end_to_end(tmp_path, monkeypatch):
     (tmp_path / "data").mkdir()
     shutil.copy(ROOT / "data/neuronpedia_features.csv", tmp_path / "data/neuronpedia_features.csv")
     config = parse_params({"layers": [6], "max_passages": 4, "max_len": 64, "feature_source": "csv",
-                           "device": "cpu", "n_snippets": 2})
+                           "device": "cpu", "n_snippets": 2, "generate_tokens": 4, "generate_prompts": ["The"]})
     resolved = run_model_stage(config)
     assert resolved["layers"][6]["sae_id"] == "blocks.7.hook_resid_pre"
     assert resolved["model"]["hub"][0]["revision"] != "unknown"
@@ -144,6 +145,7 @@ def test_one_layer_of_the_real_study_end_to_end(tmp_path, monkeypatch):
     ones = frame[frame["alpha"] == 1.0]
     assert (ones["delta_ce"] == 0).all() and (ones["kl"] == 0).all()
     assert (frame[frame["alpha"] != 1.0]["kl"] >= 0).all()
+    assert len(run_generate_stage(config)) == 5 * 4 * 2  # features x generate_alphas x decodings
     summary = run_aggregate_stage(config)
     assert summary["n_features"] == 5
     per_feature = pd.read_csv(tmp_path / "metrics/per_feature_metrics.csv")

@@ -28,7 +28,8 @@ from tests.conftest import ROOT
 
 LAYERS = [0, 11]
 PARAMS = {"preset": "toy", "layers": LAYERS, "max_passages": 8, "max_len": 32, "features_per_layer": 3,
-          "toy_lm_steps": 0, "toy_sae_steps": 0, "n_snippets": 2, "max_density": 0.2}
+          "toy_lm_steps": 0, "toy_sae_steps": 0, "n_snippets": 2, "max_density": 0.2,
+          "generate_tokens": 12, "generate_prompts": ["The", "I think"]}
 
 
 VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "track", "wbr"}
@@ -91,6 +92,7 @@ class Page(HTMLParser):
 def _run_toy_study(config) -> None:
     from pipeline.stages.aggregate import run_aggregate_stage
     from pipeline.stages.features import run_features_stage
+    from pipeline.stages.generate import run_generate_stage
     from pipeline.stages.intervene import run_intervene_stage
     from pipeline.stages.model import run_model_stage
     from pipeline.stages.plot import run_plot_stage
@@ -101,6 +103,7 @@ def _run_toy_study(config) -> None:
     run_features_stage(config)
     for layer in config.layers:
         run_intervene_stage(config, layer)
+    run_generate_stage(config)
     run_aggregate_stage(config)
     run_plot_stage(config)
 
@@ -286,3 +289,18 @@ def test_a_missing_input_names_the_file_and_the_stage_to_run(tmp_path, monkeypat
     message = str(err.value)
     assert "data/model.json not found" in message and "dvc repro model" in message
     assert "\n" not in message
+
+
+def test_the_generation_section_shows_clean_and_steered_text_side_by_side(study):
+    from pipeline.report.generation import GEN_FEATURES_SHOWN
+
+    root, config, _, html, page = study
+    text = page.text_of("sec-generation")
+    assert "does the concept appear?" not in text  # the figure's words are in the PNG, not the page
+    tables = html.split('<table class="generations"')[1:]
+    assert len(tables) == len(LAYERS) * GEN_FEATURES_SHOWN
+    for table in tables:
+        head = table.split("</thead>")[0]
+        assert "<th>Clean</th>" in head and all(f"<th>α = {a:g}</th>" in head for a in config.generate_alphas)
+    figures = [a for tag, a in page.elements if tag == "img" and (a.get("alt") or a.get("aria-label") or "").startswith("Layer ")]
+    assert len(figures) == len(LAYERS) and all(f["src"].startswith("data:image/png;base64,") for f in figures)

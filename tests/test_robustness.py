@@ -56,7 +56,7 @@ def study(tmp_path_factory) -> Path:
     project = make_project_copy(tmp_path_factory.mktemp("robust"))
     write_params(project, "small.yaml")
     for args in (["model"], ["tokenize"], ["features"], ["intervene", "--layer", "0"], ["intervene", "--layer", "1"],
-                 ["aggregate"], ["plot"]):
+                 ["generate"], ["aggregate"], ["plot"]):
         result = run_cli(["--params", "small.yaml", *args], project)
         assert result.returncode == 0, result.stderr
     return project

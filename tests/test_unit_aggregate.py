@@ -288,6 +288,10 @@ def write_inputs(layers, features=(10, 11, 12), alphas=SWEEP, missing_feature=No
     write_csv(FEATURES_CSV, pd.DataFrame(rows))
     for layer in layers:
         write_csv(layer_csv(layer), table(layers=(layer,), features=features, alphas=alphas))
+    # stage generate's table (its summary: tests/test_generate_stage.py)
+    generation = [{c: 0.5 for c in artifacts.GENERATION_COLUMNS} | {"layer": layer, "feature": f, "alpha": 2.0,
+                   "intervention": "scale", "decoding": d} for layer in layers for f in features for d in ("greedy", "sampled")]
+    write_csv(artifacts.GENERATION_METRICS, pd.DataFrame(generation)[artifacts.GENERATION_COLUMNS])
 
 
 def test_aggregate_stage_writes_tables_and_a_summary_json_with_null_for_nan(tmp_path, monkeypatch):

@@ -21,7 +21,8 @@ fp32 matmul rate) / the engine's wall time: 1.0 would mean every second went to 
 
 The package, one job a module: `workloads` (the shapes and the random model and SAE), `references` (the plain
 SAE-Lens way, the float64 definition and how metrics are compared; the tests use them too), `measure` (time,
-memory, FLOPs, device consistency) and `run` (`run_bench` and its printed table).
+memory, FLOPs, device consistency), `generation` (steered generation's throughput: tokens generated per
+second, one layer's continuations in one batch with a KV cache) and `run` (`run_bench` and its printed table).
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from pipeline.bench import workloads as wl
+from pipeline.bench.generation import generation_throughput
 from pipeline.bench.measure import (
     device_consistency,
     engine_flops,
@@ -178,6 +179,9 @@ def run_bench(device: str = "auto", out: Path | None = None, quick: bool = False
                         "max_rel_diff": max(r["max_rel_diff"] for r in runs)}
             line += f"; the plain way {plain_s:.1f} s ({plain_s / engine_s:.1f}x)"
         log(line)
+    if not full:
+        results["generation"] = generation_throughput(dev, quick, log)
+        results["generation_tokens_per_s"] = results["generation"]["tokens_per_s"]
     _table(results, log)
     if out is not None:
         write_json(out, results)

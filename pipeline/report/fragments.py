@@ -15,6 +15,7 @@ import pandas as pd
 from pipeline import artifacts
 from pipeline.intervention_words import words_for
 from pipeline.report.findings import reading_paragraph, sanity_checks
+from pipeline.report.generation import generation_fragment
 from pipeline.report.inputs import ReportInputs
 from pipeline.report.run_section import lead_fragment, run_fragment
 from pipeline.report.statistics import intervention_fragment, statistics_method_fragment, tests_fragment
@@ -250,6 +251,7 @@ def build_fragments(inputs: ReportInputs, rendered_by: str) -> dict[str, str]:
         "fig_heatmap.md": figure_fragment(inputs, "kl_heatmap"),
         "features.md": features_fragment(inputs),
         "snippets.md": snippets_fragment(inputs),
+        "generation.md": generation_fragment(inputs),
         "sanity.md": sanity_fragment(inputs),
         "reading.md": reading_paragraph(inputs) + "\n",
     }

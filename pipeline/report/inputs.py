@@ -89,7 +89,8 @@ def load_inputs(config: Config) -> ReportInputs:
         "kl_heatmap": artifacts.need(artifacts.KL_HEATMAP_PNG, "plot"),
     }
 
-    stages = ["model", "tokenize", "features", *(f"intervene_{layer}" for layer in config.layers), "aggregate", "plot"]
+    stages = ["model", "tokenize", "features", *(f"intervene_{layer}" for layer in config.layers), "generate", "aggregate",
+              "plot"]
     runs = {s: read_json(artifacts.run_record(s)) for s in stages if artifacts.run_record(s).exists()}
 
     return ReportInputs(alpha=config.alpha, layers=tuple(config.layers), live_percentile=config.live_percentile,

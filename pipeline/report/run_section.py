@@ -148,7 +148,7 @@ def wall_time_rows(inputs: ReportInputs) -> list[tuple[str, str, str, str]]:
     """(stage, wall time, started, note) with the intervene runs folded into one row."""
     rows, total = [], 0.0
     intervene = {s: r for s, r in inputs.runs.items() if s.startswith("intervene_")}
-    for stage in ("model", "tokenize", "features", "intervene", "aggregate", "plot"):
+    for stage in ("model", "tokenize", "features", "intervene", "generate", "aggregate", "plot"):
         if stage == "intervene" and intervene:
             times = {int(s.split("_")[1]): float(r.get("wall_s", 0.0)) for s, r in intervene.items()}
             slow = max(times, key=times.get)

@@ -189,12 +189,32 @@ def summary(per_feature: pd.DataFrame, config: Config, identity: float | None) -
     }
 
 
+GENERATION_HEADLINE = ("concept_act", "concept_act_clean", "loss", "loss_clean", "distinct_2", "distinct_2_clean",
+                       "promoted_frac", "promoted_frac_clean", "frac_changed")
+
+
+def generation_summary(layers: tuple[int, ...]) -> dict[str, Any]:
+    """summary.json's `generation`: per value of generate_alphas, the sampled continuations' measures
+    (metrics/generation.csv, stage generate) averaged over every layer and feature."""
+    table = artifacts.read_generation_metrics()
+    if sorted(table["layer"].unique().tolist()) != sorted(layers):
+        raise UserError(f"{artifacts.GENERATION_METRICS} covers layers {sorted(table['layer'].unique().tolist())} "
+                        f"but params `layers` is {list(layers)}; it is stale: rerun `dvc repro generate`")
+    sampled = table[table["decoding"] == "sampled"]
+    by_alpha = {f"alpha_{a:g}": {k: (None if math.isnan(v) else float(f"{v:.6g}"))
+                                 for k, v in g[list(GENERATION_HEADLINE)].mean().items()}
+                for a, g in sampled.groupby("alpha", sort=True)}
+    return {"decoding": "sampled", "n_features": int(sampled[["layer", "feature"]].drop_duplicates().shape[0]),
+            "by_alpha": by_alpha}
+
+
 def run_aggregate_stage(config: Config | StageParams) -> dict[str, Any]:
     config = StageParams.of(config, "aggregate", PARAMS)
     with stage_record("aggregate"):
         per_feature = per_feature_table(config)
         per_layer = per_layer_table(per_feature)
         result = summary(per_feature, config, INTERVENTION_IDENTITY[config.intervention])
+        result["generation"] = generation_summary(config.layers)
         artifacts.write_per_feature(per_feature)
         write_csv(artifacts.PER_LAYER, per_layer)
         write_json(artifacts.SUMMARY, result)
