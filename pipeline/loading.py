@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from pipeline import hub
+from pipeline import artifacts, hub
 from pipeline.config import DEVICE_RE, is_local_path
 from pipeline.errors import UserError
 from pipeline.hooks import LayerPlan, same_tensor
@@ -132,11 +132,15 @@ def _load_model(name: str, device: torch.device, dtype: str,
                 f"could not load model '{name}' ({type(exc).__name__}: {str(exc)[:160]}); "
                 "run `dvc repro model` with network access, or use -S preset=toy offline"
             ) from None
-    if model.cfg.positional_embedding_type == "shortformer":
-        raise UserError(f"model '{name}' uses shortformer positions; resuming mid-model is not supported")
+    _check_resumable(model, name)
     model.eval()
     model.requires_grad_(False)
     return model
+
+
+def _check_resumable(model, name: str) -> None:
+    if model.cfg.positional_embedding_type == "shortformer":
+        raise UserError(f"model '{name}' uses shortformer positions; resuming mid-model is not supported")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -202,8 +206,16 @@ def sae_model_kwargs(saes: list[SAE]) -> dict[str, Any]:
 
 
 def load_study_model(record: ModelRecord, device: torch.device, dtype: str) -> HookedTransformer:
-    """The model data/model.json records; a hub model from the Hugging Face cache only."""
+    """The model data/model.json records; a hub model from the Hugging Face cache only. Built from
+    the model stage's processed weights (pipeline.processed: no Hugging Face conversion, the same
+    bits) when they are there."""
     hub.offline_for(record.model.source)
+    if artifacts.processed_dir(record.preset).is_dir():
+        from pipeline.processed.store import load_processed_hooked
+
+        model = load_processed_hooked(record, device, torch_dtype(dtype))
+        _check_resumable(model, record.model.name)
+        return model
     return load_model(record.model.name, device, dtype, record.model.from_pretrained_kwargs)
 
 
@@ -211,3 +223,23 @@ def load_study_sae(record: ModelRecord, layer: int, device: torch.device, dtype:
     """Layer `layer`'s SAE as data/model.json records it; from the Hugging Face cache only."""
     hub.offline_for(record.model.source)
     return load_sae(record.sae_release, record.layer(layer).plan(), device, dtype)
+
+
+def load_study_model_fast(record: ModelRecord, device: torch.device, dtype: str):
+    """The same weights as `load_study_model`, as a torch-only ProcessedTransformer where it mirrors
+    the model (what the engine needs: forward passes, no hooks), importing no TransformerLens."""
+    from pipeline.processed.store import load_processed_model
+
+    hub.offline_for(record.model.source)
+    model = load_processed_model(record, device, torch_dtype(dtype))
+    _check_resumable(model, record.model.name)
+    return model
+
+
+def load_study_sae_fast(record: ModelRecord, layer: int, device: torch.device, dtype: str):
+    """The same tensors as `load_study_sae`, as a torch-only ProcessedSAE for the standard and
+    JumpReLU encoders; other architectures through SAE-Lens (`load_study_sae`)."""
+    from pipeline.processed.store import load_processed_sae
+
+    sae = load_processed_sae(record, record.layer(layer).plan(), device, dtype)
+    return load_study_sae(record, layer, device, dtype) if sae is None else sae
