@@ -160,8 +160,8 @@ def print_table(result: dict) -> None:
     print(f"{'all stages':<14} {t['startup_s']:>12.1f}s {t['load_s']:>7.1f}s {t['work_s']:>7.1f}s "
           f"{t['stages_s']:>7.1f}s")
     print(f"dvc exp run wall {result['dvc_wall_s']:.1f} s (DVC itself {result['dvc_own_s']:.1f} s); "
-          f"bare `import torch, transformer_lens, sae_lens` {result['bare_import_s']:.1f} s; "
-          f"twin built in {result.get('twin_build_s', 0.0):.1f} s")
+          f"bare `import torch, transformer_lens, sae_lens` {result['bare_import_s']:.1f} s"
+          + (f"; twin built in {result['twin_build_s']:.1f} s" if "twin_build_s" in result else ""))
     if result.get("dvc_wall_runs_s"):
         print(f"medians over {len(result['dvc_wall_runs_s'])} runs; dvc exp run walls: {result['dvc_wall_runs_s']} s")
     o = intervene_overhead(result)
