@@ -1,17 +1,29 @@
-"""Time `dvc repro` of the real gpt2-small preset on the hub twin, stage by stage.
+"""Time `dvc exp run` stage by stage: the real gpt2-small preset on the hub twin, or the toy.
 
     python benchmarks/stage_breakdown.py --scale full --layers 0,1 --passages 8     # fits a 2-core CPU
     python benchmarks/stage_breakdown.py --scale full                               # the whole default study (GPU)
+    python benchmarks/stage_breakdown.py --preset toy --passages 16 --max-len 64 --repeat 3
 
-It builds the twin (`python -m pipeline twin`, once per --twin directory), copies this checkout
-into a scratch git repo, starts the local Neuronpedia stand-in, and runs `dvc exp run` there with
-the committed params.yaml plus the size overrides given, HF_HOME pointing at the twin and
-HF_HUB_OFFLINE=1. Every stage's run record (data/runs/*.json) splits its time into process start
-and imports (`startup_s` + `import_s`, the libraries a stage imports lazily), loading the
-model, SAEs and tokenizer (`load_s`) and the rest (`work_s`); the table adds DVC's own time (the
-run's wall time less the stages'; the `report` stage, which keeps no run record, is in it), and a bare
-`python -c "import torch, transformer_lens, sae_lens"` measured in the same run for comparison.
-The twin's weights are random: these are timings, not results.
+Twin mode (the default, `--preset gpt2-small`) builds the twin (`python -m pipeline twin`, once per
+--twin directory), copies the checkout into a scratch git repo, starts the local Neuronpedia
+stand-in, and runs `dvc exp run` there with the committed params.yaml plus the size overrides
+given, HF_HOME pointing at the twin and HF_HUB_OFFLINE=1. The twin's weights are random: these are
+timings, not results.
+
+Toy mode (`--preset toy`) first trains the toy in the scratch repo (`dvc exp run -S preset=toy`
+with the sizes and `--toy-steps` given; not timed), then times what a user waits for once it is
+trained: `dvc exp run -S alpha=A`, `--repeat` times, alpha alternating between 4 and 0.5 (both in
+the sweep, so every run does the same work and none is served from DVC's run cache). Every figure
+is the median over the runs.
+
+Every stage's run record (data/runs/*.json) splits its time into process start and imports
+(`startup_s` + `import_s`, the libraries a stage imports lazily), loading the model, SAEs and
+tokenizer (`load_s`) and the rest (`work_s`); the table adds DVC's own time (the run's wall time
+less the stages'; the `report` stage, which keeps no run record, is in it), and a bare
+`python -c "import torch, transformer_lens, sae_lens"` measured in the same run for comparison (the
+yardstick of issue 16's per-stage target: an intervene stage's time outside its work should not
+exceed it by more than a second). `--tree DIR` benchmarks another checkout (e.g. an older commit's
+`git worktree`) with this script, for before/after comparisons in one session.
 """
 
 from __future__ import annotations
@@ -20,6 +32,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -29,7 +42,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.conftest import make_project_copy  # noqa: E402 - after the path is set
+from tests.conftest import GIT_ENV  # noqa: E402 - after the path is set
 from tests.neuronpedia_standin import FakeNeuronpedia  # noqa: E402
 
 
@@ -50,8 +63,35 @@ def ensure_twin(directory: Path, scale: str) -> float:
     return time.perf_counter() - started
 
 
+def copy_tree(source: Path, dest: Path) -> Path:
+    """The files a fresh clone of `source` would have, as a git repo with one commit (DVC needs one)."""
+    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=source, check=True,
+                            capture_output=True, text=True).stdout.splitlines()
+    for rel in listed:
+        if (source / rel).is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source / rel, dest / rel)
+    env = {**os.environ, **GIT_ENV}
+    for cmd in (["git", "init", "-q", "-b", "main"], ["git", "add", "-A"], ["git", "commit", "-q", "-m", "copy"]):
+        subprocess.run(cmd, cwd=dest, check=True, env=env)
+    return dest
+
+
+def dvc_exp_run(project: Path, sets: list[str], env: dict[str, str]) -> float:
+    cmd = [str(Path(sys.executable).parent / "dvc"), "exp", "run", *sets]
+    print("running:", " ".join(cmd), flush=True)
+    started = time.perf_counter()
+    run = subprocess.run(cmd, cwd=project, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - started
+    if run.returncode != 0:
+        sys.exit(f"dvc exp run failed ({run.returncode}):\n{run.stdout[-4000:]}\n{run.stderr[-4000:]}")
+    return wall
+
+
 def overrides(args: argparse.Namespace) -> list[str]:
     sets = []
+    if args.preset == "toy":
+        sets += ["preset=toy", f"toy_lm_steps={args.toy_steps}", f"toy_sae_steps={args.toy_steps}"]
     if args.layers is not None:
         sets.append(f"layers=[{args.layers}]")
     for key, value in (("max_passages", args.passages), ("max_len", args.max_len),
@@ -61,13 +101,52 @@ def overrides(args: argparse.Namespace) -> list[str]:
     return [part for s in sets for part in ("-S", s)]
 
 
-def stage_rows(project: Path) -> list[dict]:
+def stage_rows(project: Path, since: float = 0.0) -> list[dict]:
+    """Each stage's run record written after `since` (a time.time()), oldest first."""
     rows = []
-    for path in sorted((project / "data" / "runs").glob("*.json"), key=lambda p: p.stat().st_mtime):
+    paths = [p for p in (project / "data" / "runs").glob("*.json") if p.stat().st_mtime >= since]
+    for path in sorted(paths, key=lambda p: p.stat().st_mtime):
         record = json.loads(path.read_text())
         rows.append({key: record.get(key) for key in
                      ("stage", "startup_s", "import_s", "load_s", "work_s", "wall_s", "device", "peak_gpu_mem_bytes")})
     return rows
+
+
+def breakdown(stages: list[dict], dvc_wall: float) -> dict:
+    stages_s = sum((r["startup_s"] or 0) + r["wall_s"] for r in stages)
+    return {
+        "dvc_wall_s": dvc_wall, "dvc_own_s": dvc_wall - stages_s, "stages": stages,
+        "totals": {"startup_s": sum((r["startup_s"] or 0) + r["import_s"] for r in stages),
+                   "load_s": sum(r["load_s"] for r in stages), "work_s": sum(r["work_s"] for r in stages),
+                   "stages_s": stages_s},
+        "peak_gpu_mem_bytes": max((r["peak_gpu_mem_bytes"] or 0 for r in stages), default=0),
+    }
+
+
+def median_run(runs: list[dict]) -> dict:
+    """Per stage and in total, the median of each figure over the runs (stages matched by name)."""
+    def med(values):
+        return float(statistics.median(values))
+
+    names = [r["stage"] for r in runs[0]["stages"]]
+    stages = []
+    for name in names:
+        rows = [next(r for r in run["stages"] if r["stage"] == name) for run in runs]
+        stages.append({"stage": name, "device": rows[0]["device"], "peak_gpu_mem_bytes": rows[0]["peak_gpu_mem_bytes"],
+                       **{k: med([(r[k] or 0) for r in rows]) for k in ("startup_s", "import_s", "load_s", "work_s",
+                                                                         "wall_s")}})
+    out = breakdown(stages, med([run["dvc_wall_s"] for run in runs]))
+    out["totals"] = {k: med([run["totals"][k] for run in runs]) for k in out["totals"]}
+    out["dvc_own_s"] = med([run["dvc_own_s"] for run in runs])
+    out["dvc_wall_runs_s"] = [round(run["dvc_wall_s"], 1) for run in runs]
+    return out
+
+
+def intervene_overhead(result: dict) -> dict:
+    """Issue 16's per-stage figure: each intervene stage's process time outside its work."""
+    rows = [r for r in result["stages"] if r["stage"].startswith("intervene")]
+    outside = [(r["startup_s"] or 0) + r["import_s"] + r["load_s"] for r in rows]
+    return {"max_s": max(outside, default=0.0), "median_s": float(statistics.median(outside)) if outside else 0.0}
 
 
 def print_table(result: dict) -> None:
@@ -81,61 +160,74 @@ def print_table(result: dict) -> None:
     print(f"{'all stages':<14} {t['startup_s']:>12.1f}s {t['load_s']:>7.1f}s {t['work_s']:>7.1f}s "
           f"{t['stages_s']:>7.1f}s")
     print(f"dvc exp run wall {result['dvc_wall_s']:.1f} s (DVC itself {result['dvc_own_s']:.1f} s); "
-          f"bare `import torch, transformer_lens, sae_lens` {result['bare_import_s']:.1f} s; "
-          f"twin built in {result['twin_build_s']:.1f} s")
+          f"bare `import torch, transformer_lens, sae_lens` {result['bare_import_s']:.1f} s"
+          + (f"; twin built in {result['twin_build_s']:.1f} s" if "twin_build_s" in result else ""))
+    if result.get("dvc_wall_runs_s"):
+        print(f"medians over {len(result['dvc_wall_runs_s'])} runs; dvc exp run walls: {result['dvc_wall_runs_s']} s")
+    o = intervene_overhead(result)
+    if result["stages"] and o["max_s"]:
+        print(f"intervene stages outside their work: median {o['median_s']:.1f} s, max {o['max_s']:.1f} s "
+              f"(target: <= bare import + 1 s = {result['bare_import_s'] + 1:.1f} s)")
     if result.get("peak_gpu_mem_bytes"):
         print(f"peak GPU memory of any stage: {result['peak_gpu_mem_bytes'] / 2**30:.2f} GiB")
 
 
+def run_twin(args: argparse.Namespace, scratch: Path, project: Path) -> dict:
+    twin = args.twin or scratch / "twin"
+    twin_s = ensure_twin(twin, args.scale)
+    bare = bare_import_s()
+    server = FakeNeuronpedia(synthesize=True)
+    env = {**os.environ, "HF_HOME": str(twin), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "NEURONPEDIA_API_URL": server.url, "NO_PROXY": "127.0.0.1,localhost", "DVC_NO_ANALYTICS": "1"}
+    try:
+        wall = dvc_exp_run(project, overrides(args), env)
+    finally:
+        server.stop()
+    return {"scale": args.scale, "overrides": overrides(args), "twin_build_s": twin_s, "bare_import_s": bare,
+            **breakdown(stage_rows(project), wall)}
+
+
+def run_toy(args: argparse.Namespace, project: Path) -> dict:
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
+    train_s = dvc_exp_run(project, overrides(args), env)  # trains the toy and runs the study once at alpha 2
+    runs, bares = [], []
+    for i in range(args.repeat):
+        bares.append(bare_import_s())
+        since = time.time()
+        wall = dvc_exp_run(project, ["-S", f"alpha={4 if i % 2 == 0 else 0.5}"], env)
+        runs.append(breakdown(stage_rows(project, since), wall))
+    return {"preset": "toy", "overrides": overrides(args), "first_run_s": train_s,
+            "bare_import_s": float(statistics.median(bares)), "bare_import_runs_s": [round(b, 2) for b in bares],
+            **median_run(runs)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--scale", default="full", choices=["tiny", "full"])
+    parser.add_argument("--preset", default="gpt2-small", choices=["gpt2-small", "toy"])
+    parser.add_argument("--scale", default="full", choices=["tiny", "full"], help="twin scale (gpt2-small)")
     parser.add_argument("--twin", type=Path, default=None, help="twin directory (default: a temporary one)")
     parser.add_argument("--layers", default=None, help="e.g. 0,1 (default: params.yaml's)")
-    parser.add_argument("--passages", type=int, default=None, help="max_passages (default: params.yaml's)")
-    parser.add_argument("--max-len", type=int, default=None, help="max_len (default: params.yaml's)")
+    parser.add_argument("--passages", type=int, default=None, help="max_passages (default: the preset's)")
+    parser.add_argument("--max-len", type=int, default=None, help="max_len (default: the preset's)")
     parser.add_argument("--features-per-layer", type=int, default=None)
     parser.add_argument("--device", default=None, help="params device (default: params.yaml's, auto)")
+    parser.add_argument("--toy-steps", type=int, default=1500, help="toy: LM and SAE training steps")
+    parser.add_argument("--repeat", type=int, default=1, help="toy: timed `dvc exp run -S alpha=...` runs")
+    parser.add_argument("--tree", type=Path, default=ROOT, help="the checkout to benchmark (default: this one)")
     parser.add_argument("--out", type=Path, default=None, help="also write the figures as JSON here")
     args = parser.parse_args()
 
     scratch = Path(tempfile.mkdtemp(prefix="stage-breakdown-"))
-    twin = args.twin or scratch / "twin"
     try:
-        twin_s = ensure_twin(twin, args.scale)
-        project = make_project_copy(scratch / "project")
-        bare = bare_import_s()
-        server = FakeNeuronpedia(synthesize=True)
-        env = {**os.environ, "HF_HOME": str(twin), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-               "NEURONPEDIA_API_URL": server.url, "NO_PROXY": "127.0.0.1,localhost", "DVC_NO_ANALYTICS": "1"}
-        cmd = [str(Path(sys.executable).parent / "dvc"), "exp", "run", *overrides(args)]
-        print("running:", " ".join(cmd), flush=True)
-        started = time.perf_counter()
-        try:
-            run = subprocess.run(cmd, cwd=project, env=env, capture_output=True, text=True)
-        finally:
-            server.stop()
-        dvc_wall = time.perf_counter() - started
-        if run.returncode != 0:
-            sys.exit(f"dvc exp run failed ({run.returncode}):\n{run.stdout[-4000:]}\n{run.stderr[-4000:]}")
-        stages = stage_rows(project)
-        stages_s = sum((r["startup_s"] or 0) + r["wall_s"] for r in stages)
-        result = {
-            "scale": args.scale, "overrides": overrides(args), "twin_build_s": twin_s, "bare_import_s": bare,
-            "dvc_wall_s": dvc_wall, "dvc_own_s": dvc_wall - stages_s, "stages": stages,
-            "totals": {"startup_s": sum((r["startup_s"] or 0) + r["import_s"] for r in stages),
-                       "load_s": sum(r["load_s"] for r in stages), "work_s": sum(r["work_s"] for r in stages),
-                       "stages_s": stages_s},
-            "peak_gpu_mem_bytes": max((r["peak_gpu_mem_bytes"] or 0 for r in stages), default=0),
-            "summary": json.loads((project / "metrics" / "summary.json").read_text()),
-        }
+        project = copy_tree(args.tree.resolve(), scratch / "project")
+        result = run_toy(args, project) if args.preset == "toy" else run_twin(args, scratch, project)
+        result["summary"] = json.loads((project / "metrics" / "summary.json").read_text())
+        result["load_average"] = os.getloadavg()
         print_table(result)
         if args.out:
             args.out.write_text(json.dumps(result, indent=2) + "\n")
     finally:
-        shutil.rmtree(scratch / "project", ignore_errors=True)
-        if args.twin is None:
-            shutil.rmtree(scratch, ignore_errors=True)
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 if __name__ == "__main__":

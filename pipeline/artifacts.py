@@ -94,6 +94,11 @@ def preset_dir(preset: str) -> Path:
     return DATA / preset
 
 
+def processed_dir(preset: str) -> Path:
+    """The processed model and SAE index the `model` stage writes for fast loading (pipeline.processed)."""
+    return preset_dir(preset) / "processed"
+
+
 def layer_metrics(layer: int) -> Path:
     return LAYER_METRICS_DIR / f"layer_{layer}.csv"
 

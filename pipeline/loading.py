@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from pipeline import hub
+from pipeline import artifacts, hub
 from pipeline.config import DEVICE_RE, is_local_path
 from pipeline.errors import UserError
 from pipeline.hooks import LayerPlan, same_tensor
@@ -132,17 +132,23 @@ def _load_model(name: str, device: torch.device, dtype: str,
                 f"could not load model '{name}' ({type(exc).__name__}: {str(exc)[:160]}); "
                 "run `dvc repro model` with network access, or use -S preset=toy offline"
             ) from None
-    if model.cfg.positional_embedding_type == "shortformer":
-        raise UserError(f"model '{name}' uses shortformer positions; resuming mid-model is not supported")
-    check_causal(model, name)
+    _check_resumable(model, name)
     model.eval()
     model.requires_grad_(False)
     return model
 
 
-def check_causal(model: HookedTransformer, name: str) -> None:
-    """The engine leaves positions before an intervention's first change clean: true only when no
-    position attends to a later one."""
+def _check_resumable(model, name: str) -> None:
+    """What the engine relies on: it resumes mid-model from the residual (no shortformer positions), and
+    leaves positions before an intervention's first change clean, true only when no position attends
+    to a later one (causal attention)."""
+    if model.cfg.positional_embedding_type == "shortformer":
+        raise UserError(f"model '{name}' uses shortformer positions; resuming mid-model is not supported")
+    check_causal(model, name)
+
+
+def check_causal(model, name: str) -> None:
+    """One line refusing a model whose attention is not causal."""
     if model.cfg.attention_dir != "causal":
         raise UserError(f"model '{name}' has attention_dir '{model.cfg.attention_dir}'; only causal attention "
                         "is supported (the engine reuses the clean logits before the first intervened position)")
@@ -229,8 +235,16 @@ def sae_model_kwargs(saes: list[SAE]) -> dict[str, Any]:
 
 
 def load_study_model(record: ModelRecord, device: torch.device, dtype: str) -> HookedTransformer:
-    """The model data/model.json records; a hub model from the Hugging Face cache only."""
+    """The model data/model.json records; a hub model from the Hugging Face cache only. Built from
+    the model stage's processed weights (pipeline.processed: no Hugging Face conversion, the same
+    bits) when they are there."""
     hub.offline_for(record.model.source)
+    if artifacts.processed_dir(record.preset).is_dir():
+        from pipeline.processed.store import load_processed_hooked
+
+        model = load_processed_hooked(record, device, torch_dtype(dtype))
+        _check_resumable(model, record.model.name)
+        return model
     return load_model(record.model.name, device, dtype, record.model.from_pretrained_kwargs)
 
 
@@ -238,3 +252,23 @@ def load_study_sae(record: ModelRecord, layer: int, device: torch.device, dtype:
     """Layer `layer`'s SAE as data/model.json records it; from the Hugging Face cache only."""
     hub.offline_for(record.model.source)
     return load_sae(record.sae_release, record.layer(layer).plan(), device, dtype)
+
+
+def load_study_model_fast(record: ModelRecord, device: torch.device, dtype: str):
+    """The same weights as `load_study_model`, as a torch-only ProcessedTransformer where it mirrors
+    the model (what the engine needs: forward passes, no hooks), importing no TransformerLens."""
+    from pipeline.processed.store import load_processed_model
+
+    hub.offline_for(record.model.source)
+    model = load_processed_model(record, device, torch_dtype(dtype))
+    _check_resumable(model, record.model.name)
+    return model
+
+
+def load_study_sae_fast(record: ModelRecord, layer: int, device: torch.device, dtype: str):
+    """The same tensors as `load_study_sae`, as a torch-only ProcessedSAE for the standard and
+    JumpReLU encoders; other architectures through SAE-Lens (`load_study_sae`)."""
+    from pipeline.processed.store import load_processed_sae
+
+    sae = load_processed_sae(record, record.layer(layer).plan(), device, dtype)
+    return load_study_sae(record, layer, device, dtype) if sae is None else sae

@@ -53,7 +53,7 @@ def unembed(model, final: Float[Tensor, "*rows d_model"]) -> Float[Tensor, "*row
 
     Bit-for-bit TransformerLens's `model.unembed` (the same F.linear on the same weight layout),
     without its per-call weight copy."""
-    from transformer_lens.utilities.activation_functions import apply_softcap
+    from pipeline.processed.model import apply_softcap  # TransformerLens's, without importing it
 
     logits = torch.nn.functional.linear(final, _unembed_weight(model), model.unembed.b_U)
     return apply_softcap(logits, model.cfg.output_logits_soft_cap).float()
@@ -73,14 +73,14 @@ class FeatureEncoder:
     """
 
     def __init__(self, sae, features: list[int]):
-        from sae_lens import JumpReLUSAE, StandardSAE
+        from pipeline.processed.sae import sae_kind  # SAE-Lens's classes, or the processed SAE's
 
         check_sae_decoder(sae, sae.cfg.metadata.hook_name or "given")
         self.sae = sae
         self.index = torch.tensor(features, dtype=torch.long, device=sae.W_enc.device)
-        kind = type(sae)
-        self.column_separable = kind in (StandardSAE, JumpReLUSAE)
-        self.jump = kind is JumpReLUSAE
+        kind = sae_kind(sae)
+        self.column_separable = kind in ("standard", "jumprelu")
+        self.jump = kind == "jumprelu"
         if self.column_separable:
             self.w_enc = sae.W_enc[:, self.index].contiguous()  # [d_in, F]
             self.b_enc = sae.b_enc[self.index]

@@ -55,11 +55,22 @@ def select_features(config: Config, model_record: ModelRecord) -> list[FeatureCh
                        config.min_density, config.max_density, config.batch_size)
 
 
+NEURONPEDIA_CACHE_README = """\
+Neuronpedia API responses cached by the `features` stage (pipeline/sources/neuronpedia_client.py),
+one JSON file per feature; a rerun, or a machine without network that has this folder, makes no
+request. Empty of JSON files when the study's features come from `csv` or `auto`.
+"""
+
+
 def run_features_stage(config: Config | StageParams) -> pd.DataFrame:
     config = StageParams.of(config, "features", PARAMS)
     model_record = ModelRecord.read()
-    # The Neuronpedia cache is a persistent DVC output of this stage: it exists for every source.
+    # The Neuronpedia cache is a persistent DVC output of this stage: it exists for every source,
+    # never empty (DVC warns about an empty output directory), so it says what it is.
     artifacts.NEURONPEDIA_CACHE.mkdir(parents=True, exist_ok=True)
+    about = artifacts.NEURONPEDIA_CACHE / "README.md"
+    if not about.exists():
+        about.write_text(NEURONPEDIA_CACHE_README)
     with stage_record("features", source=config.feature_source) as record:
         record["device"] = device_description(resolve_device(config.device))
         choices = select_features(config, model_record)

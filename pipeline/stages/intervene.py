@@ -32,7 +32,7 @@ from pipeline.engine.run import LayerResult, run_layer
 from pipeline.engine.snippets import direct_logit_effect, feature_snippets
 from pipeline.errors import NonFiniteMetricError, UserError
 from pipeline.io import write_csv, write_json
-from pipeline.loading import load_study_model, load_study_sae, resolve_device
+from pipeline.loading import load_study_model_fast, load_study_sae_fast, resolve_device
 from pipeline.runinfo import device_description, stage_record
 from pipeline.stage_params import StageParams
 from pipeline.tokenizer import study_tokenizer
@@ -122,8 +122,8 @@ def run_intervene_stage(config: Config | StageParams, layer: int) -> pd.DataFram
     with stage_record(f"intervene_{layer}", layer=layer) as record:
         device = resolve_device(config.device)
         record["device"] = device_description(device)
-        model = load_study_model(model_record, device, config.dtype)
-        sae = load_study_sae(model_record, layer, device, config.dtype)
+        model = load_study_model_fast(model_record, device, config.dtype)
+        sae = load_study_sae_fast(model_record, layer, device, config.dtype)
         tokenizer = study_tokenizer(model_record)
         encoder = FeatureEncoder(sae, features)
         controls = random_unit_directions(config.seed, layer, features, config.control_draws,

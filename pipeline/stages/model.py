@@ -2,7 +2,9 @@
 
 gpt2-small (any hub model + SAE-Lens release): download into the Hugging Face cache, or fail in
 about a second when there is no network and no cache (pipeline.hub); load everything once to
-check it fits together; write data/model.json with repo ids, commits and weight hashes.
+check it fits together; write data/model.json with repo ids, commits and weight hashes, and
+data/<preset>/processed/ (the model after TransformerLens's weight processing and where each SAE's
+tensors are: pipeline.processed), from which later stages load in a fraction of a second.
 toy: build the 12-layer byte model and its SAEs into data/toy/ (pipeline.toy), then load them
 back through the local-directory path like any user's own model.
 
@@ -32,6 +34,7 @@ from pipeline.layer_plan import (
     pretrained_directory,
 )
 from pipeline.loading import MODEL_WEIGHTS, TOKENIZER_SPEC, load_model, load_sae, sae_model_kwargs
+from pipeline.processed.store import SAE_WEIGHTS, write_processed
 from pipeline.runinfo import device_description, stage_record
 from pipeline.stage_params import StageParams
 from pipeline.validate import after_loading, preflight
@@ -81,6 +84,7 @@ def run_model_stage(config: Config | StageParams) -> dict[str, Any]:
         check_layers_in_range([*checked.layers, *(p.layer for p in plans)], model.cfg.n_layers)
 
         after_loading(checked, model.cfg.n_ctx, {p.layer: int(saes[p.layer].cfg.d_sae) for p in plans}, plans)
+        write_processed(config.preset, model, saes, {p.layer: _sae_weights_file(config, p, sae_files) for p in plans})
         layers = [_layer_entry(config, p, saes[p.layer], model, sae_files.get(p.layer, [])) for p in plans]
         resolved = {
             "preset": config.preset,
@@ -109,6 +113,16 @@ def _hub_sae_files(config: Config, plans: list[LayerPlan]) -> dict[int, list[hub
         return {}
     return {p.layer: [hub.HubFile(info.repo_id, f"{info.saes_map[p.sae_id]}/{name}") for name in hub.SAE_FILES]
             for p in plans}
+
+
+def _sae_weights_file(config: Config, plan: LayerPlan, sae_files: dict[int, list[hub.HubFile]]) -> Path | None:
+    """The SAE-Lens weights file the layer's SAE was read from (None for converted releases)."""
+    if config.saes_are_local:
+        return Path(config.sae_release) / plan.sae_id / SAE_WEIGHTS
+    for f in sae_files.get(plan.layer, []):
+        if f.filename.endswith(SAE_WEIGHTS):
+            return f.cached_path()
+    return None
 
 
 def _official_repo(name: str) -> str:
