@@ -44,7 +44,8 @@ def test_neuronpedia_features_through_dvc_then_from_the_cache_offline(tmp_path_f
     server = FakeNeuronpedia()
     args = ["-S", "preset=toy", "-S", "model=np_fixture/model", "-S", "sae_release=np_fixture/saes",
             "-S", "feature_source=neuronpedia", "-S", "layers=[3,11]", "-S", "features_per_layer=2",
-            "-S", "max_passages=4", "-S", "max_len=16", "-S", "toy_lm_steps=0", "-S", "toy_sae_steps=0"]
+            "-S", "max_passages=4", "-S", "max_len=16", "-S", "toy_lm_steps=0", "-S", "toy_sae_steps=0",
+            "-S", "generate_tokens=4"]  # the fixture model has a 32-token context
     env = {"NEURONPEDIA_API_URL": server.url, "NO_PROXY": "127.0.0.1,localhost"}
     try:
         result = run_dvc(["exp", "run", *args], project, env=env)
