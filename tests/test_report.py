@@ -200,7 +200,7 @@ def test_the_reading_paragraph_is_written_from_the_data(study):
     per_feature = pd.read_csv(root / artifacts.PER_FEATURE)
     head = per_feature[per_feature["alpha"] == 2.0]
     top_layer = int(head.groupby("layer")["delta_ce_live"].mean().abs().idxmax())
-    assert f"layer {top_layer}’s features changed the loss most on average" in text  # pandoc's smart quotes
+    assert f"layer {top_layer}’s features have the largest mean change of the loss" in text  # pandoc's smart quotes
     tests = per_feature[per_feature["p_adj_delta_ce_live"].notna()]
     assert f"Across the study’s {len(tests)} tests" in text
     assert f"{int(tests['significant'].sum())} loss changes are distinguishable from zero" in text

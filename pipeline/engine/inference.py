@@ -101,8 +101,10 @@ INFERENCE_COLUMNS = (
 def nan_allowed(frame) -> dict[str, Any]:
     """Where each column may be NaN by definition, as boolean Series over the rows of `frame` (a pandas
     DataFrame of the per-layer table). intervene's check and aggregate's sanity count use this one rule."""
+    import pandas as pd
+
     def col(name, default=float("nan")):
-        return frame[name] if name in frame else frame.index.to_series().map(lambda _: default)
+        return frame[name] if name in frame else pd.Series(default, index=frame.index)
 
     no_live = col("n_live", 0) == 0
     few_docs = ~(col("n_docs", 0) >= 2)

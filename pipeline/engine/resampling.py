@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+FWER = 0.05  # the family-wise error rate the study's verdicts hold to (aggregate's Holm adjustment, the report)
 EXACT_MAX_DOCS = 14  # 2^14 = 16,384 sign vectors
 N_FLIPS = 16384
 N_BOOT = 2000

@@ -123,7 +123,8 @@ def reading_paragraph(inputs: ReportInputs) -> str:
         top = live.loc[live["delta_ce_live"].abs().idxmax()]
         out.append(
             f"With each feature {words.applied(a)}, measured where it fires (its live positions), layer {top_layer}'s "
-            f"features changed the loss most on average ({num(by_layer[top_layer])} nats per live position); the "
+            f"features have the largest mean change of the loss ({num(by_layer[top_layer])} nats per live position; "
+            "a description of these features, not a tested ranking of layers); the "
             f"largest single live effect, layer {int(top['layer'])} feature {int(top['feature'])}, is "
             f"{num(top['delta_ce_live'])} nats [{num(top['delta_ce_live_lo'], 2)}, {num(top['delta_ce_live_hi'], 2)}], "
             f"{pct(abs(top['delta_ce_live']) / ce_clean, 2)} of the clean {num(ce_clean)} nats. Averaged over all "

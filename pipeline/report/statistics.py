@@ -8,12 +8,10 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from pipeline.engine.resampling import EXACT_MAX_DOCS, N_BOOT, N_FLIPS
+from pipeline.engine.resampling import EXACT_MAX_DOCS, FWER, N_BOOT, N_FLIPS
 from pipeline.intervention_words import words_for
 from pipeline.report.inputs import ReportInputs
 from pipeline.report.text import h, num, pct, raw_html
-
-FWER = 0.05  # as pipeline.stages.aggregate.FWER (the report imports no stage)
 
 _FORMULAS = {
     "scale": (r"x_t \;\longmapsto\; x_t + (\alpha - 1)\, a_i(x_t)\, W_\text{dec}[i]",

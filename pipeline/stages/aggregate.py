@@ -24,7 +24,7 @@ from pipeline import artifacts
 from pipeline.config import Config
 from pipeline.engine.identity import INTERVENTION_IDENTITY
 from pipeline.engine.inference import INFERENCE_COLUMNS, nan_allowed
-from pipeline.engine.resampling import holm
+from pipeline.engine.resampling import FWER, holm
 from pipeline.errors import UserError
 from pipeline.io import write_csv, write_json
 from pipeline.runinfo import stage_record
@@ -63,9 +63,6 @@ def per_feature_table(config: Config) -> pd.DataFrame:
     merged["is_headline"] = merged["alpha"] == config.alpha
     merged = add_study_tests(merged, INTERVENTION_IDENTITY[config.intervention])
     return merged[artifacts.PER_FEATURE_COLUMNS].sort_values(["layer", "feature", "alpha"], kind="stable")
-
-
-FWER = 0.05  # the family-wise error rate the study's verdicts hold to (Holm)
 
 
 def add_study_tests(frame: pd.DataFrame, identity: float | None) -> pd.DataFrame:
