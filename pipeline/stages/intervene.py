@@ -137,7 +137,7 @@ def run_intervene_stage(config: Config | StageParams, layer: int) -> pd.DataFram
         rs = Resampler.for_passages(documents, config.seed, layer)
         rows = layer_rows(result, layer, config, tokenizer, rs, intervention, dir_norms, sae_context_size(sae))
         check_finite(rows)
-        detail = layer_detail(model, sae, plan, tokens, result, config, tokenizer, intervention)
+        detail = layer_detail(model, encoder, plan, tokens, result, config, tokenizer, intervention)
         write_json(artifacts.layer_detail(layer), detail)
         frame = pd.DataFrame(rows)
         write_csv(artifacts.layer_metrics(layer), frame)
@@ -145,9 +145,8 @@ def run_intervene_stage(config: Config | StageParams, layer: int) -> pd.DataFram
     return frame
 
 
-def layer_detail(model, sae, plan, tokens: np.ndarray, result: LayerResult, config: Config, tokenizer,
-                 intervention) -> dict[str, Any]:
-    encoder = FeatureEncoder(sae, result.features)
+def layer_detail(model, encoder: FeatureEncoder, plan, tokens: np.ndarray, result: LayerResult, config: Config,
+                 tokenizer, intervention) -> dict[str, Any]:
     features = []
     for fi, feature in enumerate(result.features):
         scored = result.acts_scored(fi)
