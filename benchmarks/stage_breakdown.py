@@ -13,8 +13,8 @@ timings, not results.
 Toy mode (`--preset toy`) first trains the toy in the scratch repo (`dvc exp run -S preset=toy`
 with the sizes and `--toy-steps` given; not timed), then times what a user waits for once it is
 trained: `dvc exp run -S alpha=A`, `--repeat` times, alpha alternating between 4 and 0.5 (both in
-the sweep, so every run does the same work and none is served from DVC's run cache). Every figure
-is the median over the runs.
+the sweep, so every run does the same work; DVC's run cache is emptied before each, so none is
+restored from an earlier one). Every figure is the median over the runs.
 
 Every stage's run record (data/runs/*.json) splits its time into process start and imports
 (`startup_s` + `import_s`, the libraries a stage imports lazily), loading the model, SAEs and
@@ -193,6 +193,9 @@ def run_toy(args: argparse.Namespace, project: Path) -> dict:
     runs, bares = [], []
     for i in range(args.repeat):
         bares.append(bare_import_s())
+        # A user's first run at an alpha finds nothing in DVC's run cache; without this, a repeat of
+        # an alpha already timed would be restored from it instead of run.
+        shutil.rmtree(project / ".dvc" / "cache" / "runs", ignore_errors=True)
         since = time.time()
         wall = dvc_exp_run(project, ["-S", f"alpha={4 if i % 2 == 0 else 0.5}"], env)
         runs.append(breakdown(stage_rows(project, since), wall))

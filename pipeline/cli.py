@@ -8,6 +8,7 @@ else happens here. A problem the user can fix prints one line (`error: ...`) and
 
 from __future__ import annotations
 
+import gc
 import importlib
 import json
 import logging
@@ -96,7 +97,16 @@ def _run(target: str, *args: Any) -> Any:
         config = load_config(_state.params)
         module, name = target.split(":")
         fn: Callable[..., Any] = getattr(importlib.import_module(module), name)
+        collect_garbage_again()
         return fn(config, *args)
+
+
+def collect_garbage_again() -> None:
+    """Undo pipeline/__main__.py's `gc.disable()` once the stage's modules are loaded: what exists now
+    (modules, classes, weights' Python wrappers) is frozen out of the collector's passes."""
+    if not gc.isenabled():
+        gc.freeze()
+        gc.enable()
 
 
 @app.command()
@@ -195,6 +205,7 @@ def bench(
     """Benchmark the engine against the plain SAE-Lens way on GPT-2-Small-shaped random weights (no download)."""
     from pipeline.bench import run_bench
 
+    collect_garbage_again()
     with _one_line_errors("no benchmark JSON written"):
         run_bench(device=device, out=out, quick=quick, full=full, skip_plain=skip_plain, dtypes=dtype or None,
                   reference=reference)
@@ -212,6 +223,8 @@ def twin(
     HF_HUB_OFFLINE=1. Its numbers mean nothing: it proves the code path, not the science."""
     with _one_line_errors("the twin may be incomplete; build it again"):
         from pipeline.twin.build import SCALES, build_twin
+
+        collect_garbage_again()
 
         if scale not in SCALES:
             raise UserError(f"--scale is '{scale}'; allowed: {', '.join(SCALES)}")
