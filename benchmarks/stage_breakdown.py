@@ -77,6 +77,9 @@ def copy_tree(source: Path, dest: Path) -> Path:
     return dest
 
 
+WARNINGS: list[str] = []  # every warning line any timed or untimed `dvc exp run` printed
+
+
 def dvc_exp_run(project: Path, sets: list[str], env: dict[str, str]) -> float:
     cmd = [str(Path(sys.executable).parent / "dvc"), "exp", "run", *sets]
     print("running:", " ".join(cmd), flush=True)
@@ -85,6 +88,9 @@ def dvc_exp_run(project: Path, sets: list[str], env: dict[str, str]) -> float:
     wall = time.perf_counter() - started
     if run.returncode != 0:
         sys.exit(f"dvc exp run failed ({run.returncode}):\n{run.stdout[-4000:]}\n{run.stderr[-4000:]}")
+    warned = [line for line in (run.stdout + run.stderr).splitlines() if "warning" in line.lower()]
+    print(f"  {wall:.1f} s, {len(warned)} warning line(s)" + "".join(f"\n    {w}" for w in warned[:5]), flush=True)
+    WARNINGS.extend(warned)
     return wall
 
 
@@ -168,6 +174,8 @@ def print_table(result: dict) -> None:
     if result["stages"] and o["max_s"]:
         print(f"intervene stages outside their work: median {o['median_s']:.1f} s, max {o['max_s']:.1f} s "
               f"(target: <= bare import + 1 s = {result['bare_import_s'] + 1:.1f} s)")
+    if "warnings" in result:
+        print(f"warning lines printed by the dvc exp runs (the first one included): {len(result['warnings'])}")
     if result.get("peak_gpu_mem_bytes"):
         print(f"peak GPU memory of any stage: {result['peak_gpu_mem_bytes'] / 2**30:.2f} GiB")
 
@@ -226,6 +234,7 @@ def main() -> None:
         result = run_toy(args, project) if args.preset == "toy" else run_twin(args, scratch, project)
         result["summary"] = json.loads((project / "metrics" / "summary.json").read_text())
         result["load_average"] = os.getloadavg()
+        result["warnings"] = WARNINGS
         print_table(result)
         if args.out:
             args.out.write_text(json.dumps(result, indent=2) + "\n")

@@ -42,6 +42,10 @@ def test_committed_params_fail_fast_and_clearly_offline(project, tmp_path):
 def test_toy_study_runs_end_to_end_with_every_output(project):
     result = run_dvc(["exp", "run", "-n", "base", *SMALL], project)
     assert result.returncode == 0, result.stdout + result.stderr
+    # a fresh clone's first `dvc exp run` prints no warning: none from DVC per output (the committed
+    # dvc.lock, tests/test_dvc_lock.py), none from a library
+    warned = [line for line in (result.stdout + result.stderr).splitlines() if "warning" in line.lower()]
+    assert warned == [], warned
 
     tokens = np.load(project / "data/tokens.npy")
     assert tokens.dtype == np.int32 and tokens.shape == (8, 32) and (tokens[:, 0] == 256).all()
