@@ -23,7 +23,10 @@ less the stages'; the `report` stage, which keeps no run record, is in it), and 
 `python -c "import torch, transformer_lens, sae_lens"` measured in the same run for comparison (the
 yardstick of issue 16's per-stage target: an intervene stage's time outside its work should not
 exceed it by more than a second). `--tree DIR` benchmarks another checkout (e.g. an older commit's
-`git worktree`) with this script, for before/after comparisons in one session.
+`git worktree`) with this script. For a before/after comparison, `--against DIR --against-python PY`
+(toy mode) trains a second scratch repo from DIR, run by PY's virtual environment (install DIR's
+requirements.txt into it), and alternates the two trees' timed runs, so that a machine whose speed
+drifts (a shared VM does, by 20% within an hour here) slows both alike.
 """
 
 from __future__ import annotations
@@ -46,10 +49,9 @@ from tests.conftest import GIT_ENV  # noqa: E402 - after the path is set
 from tests.neuronpedia_standin import FakeNeuronpedia  # noqa: E402
 
 
-def bare_import_s() -> float:
+def bare_import_s(python: str = sys.executable) -> float:
     started = time.perf_counter()
-    subprocess.run([sys.executable, "-c", "import torch, transformer_lens, sae_lens"], check=True,
-                   capture_output=True)
+    subprocess.run([python, "-c", "import torch, transformer_lens, sae_lens"], check=True, capture_output=True)
     return time.perf_counter() - started
 
 
@@ -80,9 +82,9 @@ def copy_tree(source: Path, dest: Path) -> Path:
 WARNINGS: list[str] = []  # every warning line any timed or untimed `dvc exp run` printed
 
 
-def dvc_exp_run(project: Path, sets: list[str], env: dict[str, str]) -> float:
-    cmd = [str(Path(sys.executable).parent / "dvc"), "exp", "run", *sets]
-    print("running:", " ".join(cmd), flush=True)
+def dvc_exp_run(project: Path, sets: list[str], env: dict[str, str], python: str = sys.executable) -> float:
+    cmd = [str(Path(python).parent / "dvc"), "exp", "run", *sets]
+    print(f"running in {project.name}:", " ".join(cmd), flush=True)
     started = time.perf_counter()
     run = subprocess.run(cmd, cwd=project, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - started
@@ -90,7 +92,7 @@ def dvc_exp_run(project: Path, sets: list[str], env: dict[str, str]) -> float:
         sys.exit(f"dvc exp run failed ({run.returncode}):\n{run.stdout[-4000:]}\n{run.stderr[-4000:]}")
     warned = [line for line in (run.stdout + run.stderr).splitlines() if "warning" in line.lower()]
     print(f"  {wall:.1f} s, {len(warned)} warning line(s)" + "".join(f"\n    {w}" for w in warned[:5]), flush=True)
-    WARNINGS.extend(warned)
+    WARNINGS.extend(f"[{project.name}] {w}" for w in warned)
     return wall
 
 
@@ -195,21 +197,41 @@ def run_twin(args: argparse.Namespace, scratch: Path, project: Path) -> dict:
             **breakdown(stage_rows(project), wall)}
 
 
-def run_toy(args: argparse.Namespace, project: Path) -> dict:
-    env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
-    train_s = dvc_exp_run(project, overrides(args), env)  # trains the toy and runs the study once at alpha 2
-    runs, bares = [], []
+def venv_env(python: str) -> dict[str, str]:
+    """The environment a stage of `python`'s virtual environment runs in (dvc.yaml's `python -m ...`
+    resolves through PATH)."""
+    return {**os.environ, "DVC_NO_ANALYTICS": "1", "PATH": f"{Path(python).parent}{os.pathsep}{os.environ['PATH']}"}
+
+
+def time_toy_run(project: Path, alpha: float, python: str) -> dict:
+    # A user's first run at an alpha finds nothing in DVC's run cache; without this, a repeat of an
+    # alpha already timed would be restored from it instead of run.
+    shutil.rmtree(project / ".dvc" / "cache" / "runs", ignore_errors=True)
+    since = time.time()
+    wall = dvc_exp_run(project, ["-S", f"alpha={alpha:g}"], venv_env(python), python)
+    return breakdown(stage_rows(project, since), wall)
+
+
+def run_toy(args: argparse.Namespace, project: Path, against: Path | None = None) -> dict | tuple[dict, dict]:
+    """Train, then time `--repeat` runs; with `against` (a second scratch repo, run by
+    --against-python), train both and alternate their timed runs (A B, B A, ...), so that a machine
+    whose speed drifts over the session slows both alike."""
+    trees = [(project, sys.executable)] + ([(against, str(args.against_python))] if against else [])
+    trained = [dvc_exp_run(tree, overrides(args), venv_env(py), py) for tree, py in trees]  # + one study at alpha 2
+    runs: list[list[dict]] = [[] for _ in trees]
+    bares: list[list[float]] = [[] for _ in trees]
     for i in range(args.repeat):
-        bares.append(bare_import_s())
-        # A user's first run at an alpha finds nothing in DVC's run cache; without this, a repeat of
-        # an alpha already timed would be restored from it instead of run.
-        shutil.rmtree(project / ".dvc" / "cache" / "runs", ignore_errors=True)
-        since = time.time()
-        wall = dvc_exp_run(project, ["-S", f"alpha={4 if i % 2 == 0 else 0.5}"], env)
-        runs.append(breakdown(stage_rows(project, since), wall))
-    return {"preset": "toy", "overrides": overrides(args), "first_run_s": train_s,
-            "bare_import_s": float(statistics.median(bares)), "bare_import_runs_s": [round(b, 2) for b in bares],
-            **median_run(runs)}
+        alpha = 4 if i % 2 == 0 else 0.5
+        order = range(len(trees)) if i % 2 == 0 else reversed(range(len(trees)))
+        for k in order:
+            tree, py = trees[k]
+            bares[k].append(bare_import_s(py))
+            runs[k].append(time_toy_run(tree, alpha, py))
+    results = [{"preset": "toy", "tree": str(tree), "python": py, "overrides": overrides(args),
+                "first_run_s": trained[k], "bare_import_s": float(statistics.median(bares[k])),
+                "bare_import_runs_s": [round(b, 2) for b in bares[k]], **median_run(runs[k])}
+               for k, (tree, py) in enumerate(trees)]
+    return results[0] if against is None else (results[0], results[1])
 
 
 def main() -> None:
@@ -225,21 +247,41 @@ def main() -> None:
     parser.add_argument("--toy-steps", type=int, default=1500, help="toy: LM and SAE training steps")
     parser.add_argument("--repeat", type=int, default=1, help="toy: timed `dvc exp run -S alpha=...` runs")
     parser.add_argument("--tree", type=Path, default=ROOT, help="the checkout to benchmark (default: this one)")
+    parser.add_argument("--against", type=Path, default=None,
+                        help="toy: a second checkout (e.g. an older commit's `git worktree`), timed in turn with --tree")
+    parser.add_argument("--against-python", type=Path, default=None,
+                        help="the python of the virtual environment --against runs in (its requirements.txt)")
     parser.add_argument("--out", type=Path, default=None, help="also write the figures as JSON here")
     args = parser.parse_args()
+    if args.against is not None and (args.preset != "toy" or args.against_python is None):
+        parser.error("--against needs --preset toy and --against-python")
 
     scratch = Path(tempfile.mkdtemp(prefix="stage-breakdown-"))
     try:
         project = copy_tree(args.tree.resolve(), scratch / "project")
-        result = run_toy(args, project) if args.preset == "toy" else run_twin(args, scratch, project)
-        result["summary"] = json.loads((project / "metrics" / "summary.json").read_text())
-        result["load_average"] = os.getloadavg()
-        result["warnings"] = WARNINGS
-        print_table(result)
+        if args.against is not None:
+            other = copy_tree(args.against.resolve(), scratch / "against")
+            mine, theirs = run_toy(args, project, other)
+            output = {"tree": finish(mine, project), "against": finish(theirs, other)}
+            for name, result in (("--against " + str(args.against), output["against"]),
+                                 ("--tree " + str(args.tree), output["tree"])):
+                print(f"\n== {name}")
+                print_table(result)
+        else:
+            result = run_toy(args, project) if args.preset == "toy" else run_twin(args, scratch, project)
+            output = finish(result, project)
+            print_table(output)
         if args.out:
-            args.out.write_text(json.dumps(result, indent=2) + "\n")
+            args.out.write_text(json.dumps(output, indent=2) + "\n")
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def finish(result: dict, project: Path) -> dict:
+    result["summary"] = json.loads((project / "metrics" / "summary.json").read_text())
+    result["load_average"] = os.getloadavg()
+    result["warnings"] = [w for w in WARNINGS if w.startswith(f"[{project.name}]")]
+    return result
 
 
 if __name__ == "__main__":
