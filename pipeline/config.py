@@ -157,7 +157,8 @@ class Config:
     live_percentile: float = param("float", 90.0, "percentile of activation defining live positions", check=_range(0, 100))
     top_k_tokens: int = param("int", 10, "promoted/suppressed tokens kept per feature", check=_range(1))
     n_snippets: int = param("int", 5, "top-activating contexts kept per feature", check=_range(0))
-    control_draws: int = param("int", 3, "random-direction controls per feature and value (0: none)", check=_range(0))
+    control_draws: int = param("int", 8, "random-direction controls per feature and value (0: none; >= 2 to test)",
+                               check=_range(0))
     batch_size: int = param("int", 16, "rows per forward pass; halves itself on out-of-memory", check=_range(1))
     device: str = param("str", "auto", "auto, cpu, cuda, cuda:N or mps", check=_device_ok)
     dtype: str = param("str", "float32", "model and SAE dtype", check=_choice(DTYPES))

@@ -20,6 +20,7 @@ class InterventionWords:
     symbol: str  # what the swept value is called in prose: "α", "the clamp value c", "the added amount c"
     axis: str  # x-axis label for the swept value
     done: str  # "{v}" filled with a value: "scaled by α = 2"
+    acts_where_silent: bool  # does it change the residual where the feature's activation is 0? (add, clamp)
 
     def applied(self, value: float) -> str:
         """e.g. 'scaled by α = 2', 'clamped to 2', 'pushed by 2 × W_dec[i]'."""
@@ -35,11 +36,11 @@ class InterventionWords:
 
 _WORDS = {
     "scale": InterventionWords("scale", INTERVENTION_IDENTITY["scale"], "α", "α (feature activation scale)",
-                               "scaled by α = {v}"),
+                               "scaled by α = {v}", acts_where_silent=False),
     "clamp": InterventionWords("clamp", INTERVENTION_IDENTITY["clamp"], "c", "c (activation clamped to)",
-                               "clamped to c = {v}"),
+                               "clamped to c = {v}", acts_where_silent=True),
     "add": InterventionWords("add", INTERVENTION_IDENTITY["add"], "c", "c (added × the decoder direction)",
-                             "pushed by c = {v} × its decoder direction"),
+                             "pushed by c = {v} × its decoder direction", acts_where_silent=True),
 }
 
 

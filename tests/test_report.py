@@ -203,7 +203,13 @@ def test_the_reading_paragraph_is_written_from_the_data(study):
     assert f"layer {top_layer}’s features have the largest mean change of the loss" in text  # pandoc's smart quotes
     tests = per_feature[per_feature["p_adj_delta_ce_live"].notna()]
     assert f"Across the study’s {len(tests)} tests" in text
-    assert f"{int(tests['significant'].sum())} loss changes are distinguishable from zero" in text
+    assert f"{int(tests['significant'].sum())} move the loss one way where the feature fires" in text
+    rare = int((~tests["testable"].astype(bool) & ~tests["significant"].astype(bool)).sum())
+    shown = len(tests) - int(tests["significant"].sum()) - rare
+    assert f"{rare} fire in too few documents for any outcome to pass" in text
+    if shown:
+        assert f"{shown} are not shown to move it one way" in text  # the three counts sum to the tests
+    assert "picked as the largest" in text
     assert "toy preset" in text and "say nothing about GPT-2" in text
 
 

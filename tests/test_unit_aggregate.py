@@ -14,6 +14,7 @@ from pipeline import artifacts
 from pipeline.artifacts import KL_TOLERANCE, PER_FEATURE_COLUMNS
 from pipeline.config import parse_params
 from pipeline.engine.inference import INFERENCE_COLUMNS
+from pipeline.engine.resampling import MIN_INTERVAL_DOCS
 from pipeline.errors import UserError
 from pipeline.io import read_json, write_csv
 from pipeline.stages.aggregate import (
@@ -56,9 +57,9 @@ def metric_row(layer: int, feature: int, alpha: float, **overrides) -> dict:
     row.update({key: float(rng.uniform(0.01, 0.02)) for key in INFERENCE_COLUMNS})  # intervals, dose, ...
     row.update(n_docs=4, n_docs_live=3, n_passages_live=3, n_docs_firing=4, n_passages_firing=4,
                sae_context_size=128.0, ctrl_kl_live=1.5 * kl, ctrl_delta_ce_live=0.5 * delta,
-               specificity=2.0 if kl else math.nan,
+               ctrl_draws=8, ctrl_draws_above=0, kl_ratio_random=2.0 if kl else math.nan,
                p_delta_ce_live=1.0 if alpha == 1.0 else float(rng.uniform(0, 0.02)), min_p_delta_ce_live=1e-4,
-               p_specific=1.0 if alpha == 1.0 else float(rng.uniform(0, 0.5)), min_p_specific=1e-4)
+               p_vs_random=1.0 if alpha == 1.0 else float(rng.uniform(0, 0.5)))
     row.update(overrides)
     return row
 
@@ -155,16 +156,16 @@ def test_sanity_allows_nan_live_metrics_only_where_no_position_is_live():
     assert sanity(per_feature, 1.0)["nan_values"] == 1
 
 
-def test_sanity_allows_nan_standard_errors_only_for_a_single_document():
+def test_sanity_allows_nan_intervals_only_below_the_fewest_documents_for_one():
     per_feature = table()
-    one = per_feature.index[0]
-    per_feature.loc[one, ["delta_ce_se", "kl_se"]] = math.nan
-    per_feature.loc[one, "n_docs"] = 1
+    few = per_feature.index[0]
+    per_feature.loc[few, ["delta_ce_se", "kl_se", "delta_ce_lo", "kl_hi"]] = math.nan
+    per_feature.loc[few, "n_docs"] = MIN_INTERVAL_DOCS - 1
     assert sanity(per_feature, 1.0)["nan_values"] == 0
 
-    two = per_feature.index[1]  # two documents: a standard error exists
-    per_feature.loc[two, ["delta_ce_se", "kl_se"]] = math.nan
-    per_feature.loc[two, "n_docs"] = 2
+    enough = per_feature.index[1]  # enough documents: the interval exists
+    per_feature.loc[enough, ["delta_ce_se", "kl_se"]] = math.nan
+    per_feature.loc[enough, "n_docs"] = MIN_INTERVAL_DOCS
     assert sanity(per_feature, 1.0)["nan_values"] == 2
 
 
@@ -376,16 +377,60 @@ def test_a_row_whose_smallest_possible_p_cannot_pass_holm_is_not_testable():
     per_feature = table()
     rows = per_feature.index[per_feature["alpha"] == 2.0]
     raw = per_feature.drop(columns=["p_adj_delta_ce_live", "testable", "significant"])
-    raw.loc[rows[0], "min_p_delta_ce_live"] = 2.0 / 2 ** 3  # fires in 3 documents: p >= 0.25
+    raw.loc[rows[0], ["p_delta_ce_live", "min_p_delta_ce_live"]] = [0.25, 2.0 / 2 ** 3]  # 3 documents: p >= 0.25
     out = add_study_tests(raw, 1.0)
     assert not out.loc[rows[0], "testable"] and out.loc[rows[1], "testable"]
 
 
-def test_more_specific_needs_a_larger_live_kl_than_the_controls_and_an_adjusted_p():
+def _holm_study(p, min_p):
+    rows = pd.DataFrame({"alpha": 2.0, "p_delta_ce_live": p, "min_p_delta_ce_live": min_p,
+                         "p_vs_random": np.nan, "kl_ratio_random": np.nan})
+    return add_study_tests(rows, 1.0)
+
+
+def test_testable_follows_holm_not_its_first_threshold():
+    # 10 tests, 9 clearly significant; the last has min_p 0.04: Holm's last threshold is 0.05 / 1
+    p = [1e-6] * 9 + [0.04]
+    out = _holm_study(p, [1e-6] * 9 + [0.04])
+    assert out["significant"].all() and out["testable"].all()
+    # the old rule, min_p <= FWER / m, called that significant row too rare to test (the mutation check)
+    old_testable = np.array([1e-6] * 9 + [0.04]) <= 0.05 / len(p)
+    assert not old_testable[-1] and out.loc[9, "significant"]
+
+
+def test_testable_is_whether_its_own_smallest_p_could_pass_given_the_others():
+    # with no other rejection, a row needs p <= 0.05 / 3 to be rejected first
+    out = _holm_study([0.5, 0.6, 0.7], [0.02, 0.01, 1e-4])
+    assert out["testable"].tolist() == [False, True, True]
+    # a row whose floor equals its p and that is not significant is too rare
+    out = _holm_study([0.001, 0.3], [0.001, 0.25])
+    assert out["significant"].tolist() == [True, False] and out["testable"].tolist() == [True, False]
+
+
+def test_the_three_verdicts_partition_the_tests():
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        m = int(rng.integers(1, 40))
+        min_p = 2.0 / 2.0 ** rng.integers(1, 12, m)
+        p = np.maximum(min_p, rng.uniform(0, 1, m) ** 4)
+        out = _holm_study(p, min_p)
+        sig = out["significant"]
+        rare = ~out["testable"] & ~sig
+        rest = out["testable"] & ~sig
+        assert not (sig & ~out["testable"]).any()  # significant is always testable
+        assert int(sig.sum() + rare.sum() + rest.sum()) == m
+
+
+def test_more_or_less_than_random_needs_an_adjusted_p_and_says_which_way():
     per_feature = table()
     raw = per_feature.copy()
     row = raw.index[(raw["alpha"] == 2.0)][0]
-    raw.loc[row, ["p_specific", "ctrl_kl_live"]] = [1e-6, 0.5 * raw.loc[row, "kl_live"]]
-    assert add_study_tests(raw, 1.0).loc[row, "more_specific"]
-    raw.loc[row, "ctrl_kl_live"] = 2 * raw.loc[row, "kl_live"]  # the controls move the model more
-    assert not add_study_tests(raw, 1.0).loc[row, "more_specific"]
+    raw.loc[row, ["p_vs_random", "kl_ratio_random"]] = [1e-6, 3.0]
+    out = add_study_tests(raw, 1.0)
+    assert out.loc[row, "more_than_random"] and not out.loc[row, "less_than_random"]
+    raw.loc[row, "kl_ratio_random"] = 0.3  # the random directions move the model more
+    out = add_study_tests(raw, 1.0)
+    assert out.loc[row, "less_than_random"] and not out.loc[row, "more_than_random"]
+    raw.loc[row, "p_vs_random"] = 0.2
+    out = add_study_tests(raw, 1.0)
+    assert not out.loc[row, "less_than_random"] and not out.loc[row, "more_than_random"]

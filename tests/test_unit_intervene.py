@@ -7,7 +7,8 @@ import math
 import pandas as pd
 import pytest
 
-from pipeline.engine.inference import INFERENCE_COLUMNS
+from pipeline.engine.inference import CONTROL_COLUMNS, INFERENCE_COLUMNS
+from pipeline.engine.resampling import MIN_INTERVAL_DOCS
 from pipeline.errors import NonFiniteMetricError, UserError
 from pipeline.stages.aggregate import sanity
 from pipeline.stages.intervene import check_finite
@@ -23,7 +24,8 @@ def row(layer: int = 6, feature: int = 1234, alpha: float = 0.5, **overrides) ->
     out = {"layer": layer, "feature": feature, "alpha": alpha, "intervention": "scale", "is_headline": False,
            "n_passages": 8, "n_scored": 80, "n_live": 5, "top_promoted": "[]", "top_suppressed": "[]"}
     out.update({key: 0.25 for key in FLOAT_METRICS + INFERENCE_COLUMNS})
-    out.update(n_docs=4, n_docs_live=3, sae_context_size=128.0, frac_live_beyond_ctx=0.2)
+    out.update(n_docs=MIN_INTERVAL_DOCS + 2, n_docs_live=MIN_INTERVAL_DOCS + 1, sae_context_size=128.0,
+               frac_live_beyond_ctx=0.2, ctrl_draws=8)
     out.update(overrides)
     return out
 
@@ -37,22 +39,30 @@ def test_live_metrics_may_be_nan_when_no_position_is_live():
     check_finite([row(n_live=0, **nan_live)])
 
 
-def test_standard_errors_may_be_nan_with_a_single_document():
-    check_finite([row(n_docs=1, n_docs_live=1, delta_ce_se=math.nan, kl_se=math.nan, kl_live_se=math.nan)])
+def test_standard_errors_may_be_nan_below_the_fewest_documents_for_an_interval():
+    few = MIN_INTERVAL_DOCS - 1
+    check_finite([row(n_docs=few, n_docs_live=few, delta_ce_se=math.nan, kl_se=math.nan, kl_live_se=math.nan)])
 
 
-def test_live_intervals_may_be_nan_when_the_feature_fires_in_one_document_only():
-    check_finite([row(n_docs_live=1, kl_live_se=math.nan, delta_ce_live_lo=math.nan)])
+def test_live_intervals_may_be_nan_when_the_feature_fires_in_too_few_documents():
+    check_finite([row(n_docs_live=MIN_INTERVAL_DOCS - 1, kl_live_se=math.nan, delta_ce_live_lo=math.nan)])
     with pytest.raises(NonFiniteMetricError, match="kl_live_se"):
-        check_finite([row(n_docs_live=2, kl_live_se=math.nan)])
+        check_finite([row(n_docs_live=MIN_INTERVAL_DOCS, kl_live_se=math.nan)])
 
 
 def test_control_columns_may_be_nan_only_when_controls_are_off():
-    off = {k: math.nan for k in ("ctrl_delta_ce", "ctrl_kl", "ctrl_delta_ce_live", "ctrl_kl_live", "specificity",
-                                 "p_specific", "min_p_specific")}
-    check_finite([row(**off)])
+    off = {k: math.nan for k in CONTROL_COLUMNS}
+    check_finite([row(ctrl_draws=0, **off)])
     with pytest.raises(NonFiniteMetricError, match="ctrl_kl_live"):
         check_finite([row(ctrl_kl_live=math.nan)])
+
+
+def test_the_random_direction_test_may_be_nan_only_without_a_spread_or_a_positive_kl():
+    check_finite([row(ctrl_draws=1, ctrl_log_kl_live_sd=math.nan, p_vs_random=math.nan)])  # one draw: ratio only
+    check_finite([row(ctrl_log_kl_live_sd=0.0, p_vs_random=math.nan)])  # draws that agree exactly: no spread
+    check_finite([row(kl_live=0.0, kl_ratio_random=math.nan, ctrl_log_kl_live_sd=math.nan, p_vs_random=math.nan)])
+    with pytest.raises(NonFiniteMetricError, match="p_vs_random"):
+        check_finite([row(p_vs_random=math.nan)])
 
 
 @pytest.mark.parametrize("key", ["mean_act_live", "delta_ce_live", "kl_live"])
@@ -64,7 +74,7 @@ def test_a_nan_live_metric_with_live_positions_raises(key):
 @pytest.mark.parametrize("key", ["delta_ce_se", "kl_se"])
 def test_a_nan_standard_error_with_several_documents_raises(key):
     with pytest.raises(NonFiniteMetricError, match=key):
-        check_finite([row(n_docs=2, **{key: math.nan})])
+        check_finite([row(n_docs=MIN_INTERVAL_DOCS, **{key: math.nan})])
 
 
 @pytest.mark.parametrize("key", ["mean_act_live", "kl_live", "delta_ce_se", "kl_se"])

@@ -45,7 +45,7 @@ def per_feature_table() -> pd.DataFrame:
                              "delta_ce_live": live, "delta_ce_live_lo": live - 0.1, "delta_ce_live_hi": live + 0.2,
                              "ctrl_delta_ce_live": float(rng.normal()), "significant": bool(rng.uniform() < 0.5),
                              "kl_live": float(rng.uniform(0, 4)), "ctrl_kl_live": float(rng.uniform(0, 1)),
-                             "specificity": float(rng.uniform(1, 5))})
+                             "kl_ratio_random": float(rng.uniform(1, 5))})
     return pd.DataFrame(rows)
 
 
@@ -99,7 +99,7 @@ def test_alpha_sweep_data_is_the_mean_over_features_per_layer_and_alpha():
 def test_kl_heatmap_data_ranks_features_by_index_within_each_layer():
     per_feature = per_feature_table()
     data = plot.kl_heatmap(per_feature, ALPHA, 50, WORDS)
-    assert list(data.columns) == ["layer", "rank", "feature", "kl_live", "ctrl_kl_live", "specificity", "kl"]
+    assert list(data.columns) == ["layer", "rank", "feature", "kl_live", "ctrl_kl_live", "kl_ratio_random", "kl"]
     head = per_feature[per_feature["alpha"] == ALPHA].set_index(["layer", "feature"])["kl_live"]
     assert len(data) == len(head)
     for layer, feats in FEATURES.items():
@@ -130,7 +130,7 @@ def test_plot_stage_writes_the_three_csvs_and_removes_a_stale_headline_figure(tm
     sweep = pd.read_csv(ALPHA_SWEEP_CSV)
     assert len(sweep) == len(FEATURES) * len(SWEEP)
     heat = pd.read_csv(KL_HEATMAP_CSV)
-    assert list(heat.columns) == ["layer", "rank", "feature", "kl_live", "ctrl_kl_live", "specificity", "kl"]
+    assert list(heat.columns) == ["layer", "rank", "feature", "kl_live", "ctrl_kl_live", "kl_ratio_random", "kl"]
     merged = heat.merge(per_feature[per_feature["alpha"] == ALPHA], on=["layer", "feature"], suffixes=("", "_src"))
     assert len(merged) == len(heat)
     assert np.allclose(merged["kl"], merged["kl_src"], rtol=1e-8, atol=0)  # %.9g in the CSV

@@ -5,18 +5,19 @@ t = j + 1), `row_inference` returns the columns the intervene stage adds to pipe
 
 - `*_se`, `*_lo`, `*_hi` for delta_ce, kl, delta_ce_live, kl_live: document-bootstrap standard error and
   95% interval (pipeline.engine.resampling);
-- `p_delta_ce_live`, `min_p_delta_ce_live`: sign-flip test by document of "the mean change of CE over live
-  positions is 0"; `n_docs`, `n_docs_live`, `n_passages_live`, `n_docs_firing`, `n_passages_firing`;
-- controls (mean over the random draws): `ctrl_delta_ce`, `ctrl_kl`, `ctrl_delta_ce_live`, `ctrl_kl_live`;
-  `specificity` = kl_live / ctrl_kl_live; `p_specific`, `min_p_specific`: sign-flip test by document of
-  "live KL equals the controls' live KL" (paired per position);
+- `p_delta_ce_live`, `min_p_delta_ce_live`: sign-flip test by document of "each document's summed change of CE
+  over live positions is symmetric about 0"; `n_docs`, `n_docs_live`, `n_passages_live`, `n_docs_firing`,
+  `n_passages_firing`;
+- controls: the means over the random draws `ctrl_delta_ce`, `ctrl_kl`, `ctrl_delta_ce_live`, `ctrl_kl_live`,
+  the draws' range `ctrl_kl_live_min`, `ctrl_kl_live_max`, and the comparison of pipeline.engine.direction_test
+  (`kl_ratio_random`, `p_vs_random`, `ctrl_log_kl_live_sd`, `ctrl_draws_above`);
 - dose: `dose_rel_norm`, the mean over live positions of ||delta_t|| / ||x_t||, and `push_max_act`, the mean
   over live positions of the push along the decoder direction (delta_t = c_t W_dec[i]) in units of the
   feature's max activation on the corpus;
 - context: `sae_context_size` (the SAE's training context), `frac_live_beyond_ctx` (share of live positions
   at t >= it), `delta_ce_live_in_ctx` and `kl_live_in_ctx` (the live means over t < it only).
 Every column is NaN where it is undefined (no live position, fewer than two documents, controls off,
-a zero control KL); none is ever a made-up 0.
+fewer than 2 draws or a zero control KL); none is ever a made-up 0.
 """
 
 from __future__ import annotations
@@ -26,12 +27,11 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.engine.resampling import Resampler
+from pipeline.engine.direction_test import compare_to_random
+from pipeline.engine.resampling import MIN_INTERVAL_DOCS, Resampler
 
-
-def _ratio(sums: np.ndarray, counts: np.ndarray) -> float:
-    total = counts.sum()
-    return float(sums.sum() / total) if total > 0 else math.nan
+CONTROL_COLUMNS = ("ctrl_delta_ce", "ctrl_kl", "ctrl_delta_ce_live", "ctrl_kl_live", "ctrl_kl_live_min",
+                   "ctrl_kl_live_max", "ctrl_log_kl_live_sd", "ctrl_draws_above", "kl_ratio_random", "p_vs_random")
 
 
 def _masked_mean(values: np.ndarray, mask: np.ndarray) -> float:
@@ -58,17 +58,19 @@ def row_inference(rs: Resampler, *, ce_clean: np.ndarray, ce_int: np.ndarray, kl
     out["n_passages_firing"] = int(firing.any(axis=1).sum())
     out["n_docs_firing"] = int(len(np.unique(rs.doc_index[firing.any(axis=1)])))
 
+    out["ctrl_draws"] = 0 if ctrl_kl is None else int(ctrl_kl.shape[0])
     if ctrl_kl is not None and ctrl_kl.shape[0] > 0:
         c_delta, c_kl = ctrl_ce_int.mean(axis=0) - ce_clean, ctrl_kl.mean(axis=0)
         out["ctrl_delta_ce"], out["ctrl_kl"] = float(c_delta.mean()), float(c_kl.mean())
         out["ctrl_delta_ce_live"], out["ctrl_kl_live"] = _masked_mean(c_delta, live), _masked_mean(c_kl, live)
-        kl_live = _masked_mean(kl, live)
-        out["specificity"] = kl_live / out["ctrl_kl_live"] if out["ctrl_kl_live"] > 0 else math.nan
-        out["p_specific"], out["min_p_specific"] = rs.sign_flip(*rs.doc_sums(kl - c_kl, live))
+        per_draw = np.array([_masked_mean(draw, live) for draw in ctrl_kl])
+        live_any = bool(live.any())
+        out["ctrl_kl_live_min"] = float(per_draw.min()) if live_any else math.nan
+        out["ctrl_kl_live_max"] = float(per_draw.max()) if live_any else math.nan
+        out.update(compare_to_random(_masked_mean(kl, live), per_draw) if live_any else
+                   {k: math.nan for k in ("ctrl_log_kl_live_sd", "ctrl_draws_above", "kl_ratio_random", "p_vs_random")})
     else:
-        for key in ("ctrl_delta_ce", "ctrl_kl", "ctrl_delta_ce_live", "ctrl_kl_live", "specificity", "p_specific",
-                    "min_p_specific"):
-            out[key] = math.nan
+        out.update({key: math.nan for key in CONTROL_COLUMNS})
 
     with np.errstate(invalid="ignore", divide="ignore"):
         rel = np.abs(coef) * dir_norm / resid_norm
@@ -92,8 +94,7 @@ INFERENCE_COLUMNS = (
     "delta_ce_lo", "delta_ce_hi", "kl_lo", "kl_hi",
     "delta_ce_live_se", "delta_ce_live_lo", "delta_ce_live_hi", "kl_live_se", "kl_live_lo", "kl_live_hi",
     "p_delta_ce_live", "min_p_delta_ce_live", "n_docs", "n_docs_live", "n_passages_live", "n_docs_firing",
-    "n_passages_firing", "ctrl_delta_ce", "ctrl_kl", "ctrl_delta_ce_live", "ctrl_kl_live", "specificity",
-    "p_specific", "min_p_specific", "dose_rel_norm", "push_max_act", "sae_context_size", "frac_live_beyond_ctx",
+    "n_passages_firing", "ctrl_draws", *CONTROL_COLUMNS, "dose_rel_norm", "push_max_act", "sae_context_size", "frac_live_beyond_ctx",
     "delta_ce_live_in_ctx", "kl_live_in_ctx",
 )
 
@@ -107,8 +108,8 @@ def nan_allowed(frame) -> dict[str, Any]:
         return frame[name] if name in frame else pd.Series(default, index=frame.index)
 
     no_live = col("n_live", 0) == 0
-    few_docs = ~(col("n_docs", 0) >= 2)
-    few_live_docs = ~(col("n_docs_live", 0) >= 2)
+    few_docs = ~(col("n_docs", 0) >= MIN_INTERVAL_DOCS)
+    few_live_docs = ~(col("n_docs_live", 0) >= MIN_INTERVAL_DOCS)
     no_ctrl = col("ctrl_kl").isna()
     no_ctx = col("sae_context_size").isna()
     none_in_ctx = no_live | no_ctx | (col("frac_live_beyond_ctx") == 1)
@@ -117,9 +118,13 @@ def nan_allowed(frame) -> dict[str, Any]:
     out.update({f"{m}_{s}": few_docs for m in ("delta_ce", "kl") for s in ("se", "lo", "hi")})
     out.update({f"{m}_{s}": few_live_docs | no_live for m in ("delta_ce_live", "kl_live") for s in ("se", "lo", "hi")})
     out.update({name: no_ctrl for name in ("ctrl_delta_ce", "ctrl_kl")})
-    out.update({name: no_ctrl | no_live for name in ("ctrl_delta_ce_live", "ctrl_kl_live", "p_specific",
-                                                     "min_p_specific")})
-    out["specificity"] = no_ctrl | no_live | ~(col("ctrl_kl_live") > 0)
+    out.update({name: no_ctrl | no_live for name in ("ctrl_delta_ce_live", "ctrl_kl_live", "ctrl_kl_live_min",
+                                                     "ctrl_kl_live_max", "ctrl_draws_above")})
+    # the comparison needs a positive KL for the feature and every draw, and two draws for a spread
+    no_ratio = no_ctrl | no_live | ~(col("ctrl_kl_live_min") > 0) | ~(col("kl_live") > 0)
+    out["kl_ratio_random"] = no_ratio
+    out["ctrl_log_kl_live_sd"] = no_ratio | ~(col("ctrl_draws", 0) >= 2)
+    out["p_vs_random"] = out["ctrl_log_kl_live_sd"] | ~(col("ctrl_log_kl_live_sd") > 0)
     out["sae_context_size"] = no_ctx
     out["frac_live_beyond_ctx"] = no_ctx | no_live
     out["delta_ce_live_in_ctx"] = none_in_ctx

@@ -17,6 +17,7 @@ from pipeline.artifacts import KL_TOLERANCE
 from pipeline.engine.inference import INFERENCE_COLUMNS, nan_allowed
 from pipeline.intervention_words import words_for
 from pipeline.report.inputs import ReportInputs
+from pipeline.report.statistics import test_counts
 from pipeline.report.text import md, num, pct, tex_num
 
 # Columns that hold measurements (not labels, token lists or links).
@@ -103,8 +104,9 @@ def _toy_weights(inputs: ReportInputs) -> str | None:
     return str(toy.get("weights")) if isinstance(toy, dict) and toy.get("weights") else None
 
 
-def _direction(x: float) -> str:
-    return "raised" if x > 0 else "lowered"
+def _interval(row: pd.Series) -> str:
+    lo, hi = row["delta_ce_live_lo"], row["delta_ce_live_hi"]
+    return f" [{num(lo, 2)}, {num(hi, 2)}]" if np.isfinite(lo) and np.isfinite(hi) else " (too few documents for an interval)"
 
 
 def reading_paragraph(inputs: ReportInputs) -> str:
@@ -121,42 +123,48 @@ def reading_paragraph(inputs: ReportInputs) -> str:
         by_layer = live.groupby("layer")["delta_ce_live"].mean()
         top_layer = int(by_layer.abs().idxmax())
         top = live.loc[live["delta_ce_live"].abs().idxmax()]
+        picked = (f"the largest single live effect (picked as the largest |ΔCE| of {len(live)}, so its interval, "
+                  "which does not account for that choice, is optimistic)")
         out.append(
             f"With each feature {words.applied(a)}, measured where it fires (its live positions), layer {top_layer}'s "
             f"features have the largest mean change of the loss ({num(by_layer[top_layer])} nats per live position; "
-            "a description of these features, not a tested ranking of layers); the "
-            f"largest single live effect, layer {int(top['layer'])} feature {int(top['feature'])}, is "
-            f"{num(top['delta_ce_live'])} nats [{num(top['delta_ce_live_lo'], 2)}, {num(top['delta_ce_live_hi'], 2)}], "
+            f"a description of these features, not a tested ranking of layers); {picked}, layer {int(top['layer'])} "
+            f"feature {int(top['feature'])}, is {num(top['delta_ce_live'])} nats{_interval(top)}, "
             f"{pct(abs(top['delta_ce_live']) / ce_clean, 2)} of the clean {num(ce_clean)} nats. Averaged over all "
             f"tokens, where most positions are untouched, the same layer's mean is {num(head[head['layer'] == top_layer]['delta_ce'].mean())} nats.")
 
-    tests = inputs.per_feature[inputs.per_feature["p_adj_delta_ce_live"].notna()]
-    if len(tests):
-        n_sig = int(tests["significant"].sum())
-        n_rare = int((~tests["testable"].astype(bool)).sum())
-        n_rest = len(tests) - n_sig - n_rare
-        rest = (f", and {n_rest} are not distinguishable from zero at this sample size, which is not evidence of no "
-                "effect" if n_rest else "")
-        out.append(f"Across the study's {len(tests)} tests (every layer, feature and {words.symbol} other than the "
-                   f"identity, sign-flip by document, Holm-adjusted), {n_sig} loss changes are distinguishable from "
-                   f"zero; {n_rare} fire in too few documents to be testable{rest} ({n_passages} passages from "
-                   f"{int(head['n_docs'].iloc[0])} documents).")
-    spec = inputs.per_feature[inputs.per_feature["p_adj_specific"].notna()]
-    if len(spec):
-        n_spec = int(spec["more_specific"].sum())
-        alphas = sorted({float(x) for x in spec.loc[spec["more_specific"].astype(bool), "alpha"]})
+    c = test_counts(inputs.per_feature)
+    if c["tests"]:
+        rest = (f", and {c['not_shown']} are not shown to move it one way at this sample size, which is not evidence "
+                "of no effect" if c["not_shown"] else "")
+        out.append(f"Across the study's {c['tests']} tests (every layer, feature and {words.symbol} other than the "
+                   f"identity, sign-flip by document, Holm-adjusted), {c['significant']} move the loss one way "
+                   f"where the feature fires; {c['too_rare']} fire in too few documents for any outcome to pass{rest} "
+                   f"({n_passages} passages from {int(head['n_docs'].iloc[0])} documents).")
+    versus = inputs.per_feature[inputs.per_feature["p_adj_vs_random"].notna()]
+    if len(versus):
+        more, less = int(versus["more_than_random"].sum()), int(versus["less_than_random"].sum())
+        alphas = sorted({float(x) for x in versus.loc[versus["more_than_random"].astype(bool), "alpha"]})
         where = f" (at {words.symbol} = {', '.join(f'{x:g}' for x in alphas)})" if alphas else ""
-        out.append(f"Against random directions pushed exactly as hard at the same positions, {n_spec} of {len(spec)} "
-                   f"(feature, value) rows move the model measurably more{where}; the median specificity at "
-                   f"{words.symbol} = {a:g} is {num(head['specificity'].median(), 2)}× the controls' live KL.")
+        out.append(f"Against random directions pushed exactly as hard at the same positions, {more} of {len(versus)} "
+                   f"(feature, value) rows move the model more than a random direction would{where} and {less} less, "
+                   f"after adjustment; at {words.symbol} = {a:g} the median feature disturbs the model "
+                   f"{num(head['kl_ratio_random'].median(), 2)}× as much as the random directions (live KL over "
+                   "their geometric mean).")
 
     ratio = (head["kl_live"] / head["kl"]).replace([np.inf, -np.inf], np.nan).dropna()
     if len(ratio):
-        out.append(
-            f"Live-token KL is a median {num(ratio.median(), 2)}× the all-token KL, by construction rather than as a "
-            f"finding: the feature is live on a median {pct(head['frac_live'].median())} of positions, and where it "
-            f"is zero the hook is left unchanged."
-        )
+        if words.acts_where_silent:
+            out.append(
+                f"Live-token KL is a median {num(ratio.median(), 2)}× the all-token KL. The {words.name} intervention "
+                "changes the residual at every position, live or not, so this gap says where the push matters "
+                f"more, not where it is applied (the feature is live on a median {pct(head['frac_live'].median())} "
+                "of positions).")
+        else:
+            out.append(
+                f"Live-token KL is a median {num(ratio.median(), 2)}× the all-token KL, largely by construction: the "
+                f"feature is live on a median {pct(head['frac_live'].median())} of positions, and where its "
+                "activation is zero, scaling it leaves the residual unchanged.")
     beyond = head["frac_live_beyond_ctx"].dropna()
     if len(beyond) and beyond.max() > 0:
         out.append(f"A median {pct(beyond.median())} of live positions lie beyond the SAEs' "

@@ -13,6 +13,7 @@ from typing import Any
 import pandas as pd
 
 from pipeline import artifacts
+from pipeline.engine.resampling import MIN_INTERVAL_DOCS
 from pipeline.intervention_words import words_for
 from pipeline.report.findings import reading_paragraph, sanity_checks
 from pipeline.report.generation import generation_fragment
@@ -37,15 +38,16 @@ TOKENS_SHOWN = 5  # promoted / suppressed tokens per feature in the table
 SNIPPETS_PER_LAYER = 3
 FIGURE_CAPTIONS = {
     "headline": "Δ cross-entropy at each feature's live positions when it is {applied}, per layer. Points: the "
-                "features of each layer (filled: distinguishable from zero after Holm's adjustment across the study), "
-                "bars: 95% interval from resampling the {docs} documents, grey crosses: the same push along random "
-                "directions, line: mean over the layer's features.",
+                "features of each layer (filled: moves the loss one way, sign-flip test Holm-adjusted across the "
+                "study), bars: 95% bootstrap-t interval from resampling the {docs} documents (none where the feature "
+                "fires in fewer than {min_docs}), grey crosses: the same push along random directions (mean of the "
+                "draws), line: mean over the layer's features.",
     "dce_vs_alpha": "Δ cross-entropy at live positions against {symbol}, mean over each layer's features; dotted: the "
                     "random-direction controls. {identity}",
     "kl_vs_alpha": "KL(clean ‖ intervened) at live positions against {symbol}, mean over each layer's features; "
                    "dotted: the random-direction controls.",
     "kl_heatmap": "Live KL with each feature {applied}, layer by layer (cell: feature index, live KL in nats, and × its "
-                  "specificity, the live KL over its random controls').",
+                  "KL ratio to random directions: its live KL over the geometric mean of its random draws').",
 }
 
 
@@ -53,7 +55,8 @@ def figure_fragment(inputs: ReportInputs, key: str) -> str:
     """A markdown figure: no `#fig-` id, so Quarto adds no numbering that pandoc would lack."""
     words = words_for(inputs.intervention)
     caption = FIGURE_CAPTIONS[key].format(applied=words.applied(inputs.alpha), symbol=words.symbol,
-                                          identity=words.identity_note, docs=int(inputs.headline["n_docs"].iloc[0]))
+                                          identity=words.identity_note, docs=int(inputs.headline["n_docs"].iloc[0]),
+                                          min_docs=MIN_INTERVAL_DOCS)
     where = artifacts.REPORT_GENERATED.relative_to(artifacts.REPORT_DIR).as_posix()  # relative to report.qmd
     return f"![{caption}]({where}/{FIGURE_DIR}/{inputs.figures[key].name})\n"
 
@@ -97,7 +100,7 @@ def _tokens_cell(cell: Any, n: int = TOKENS_SHOWN) -> str:
 
 
 def _with_ci(value: Any, lo: Any, hi: Any, strong: bool = False) -> str:
-    """The value, bold when `strong` (distinguishable from zero after adjustment), its 95% interval below."""
+    """The value, bold when `strong` (moves the loss one way after adjustment), its 95% interval below."""
     main = f"<strong>{h(num(value))}</strong>" if strong else h(num(value))
     ci = f'<br><span class="se">[{h(num(lo, 2))}, {h(num(hi, 2))}]</span>' if is_number(lo) and is_number(hi) else ""
     return main + ci
@@ -153,8 +156,8 @@ def features_fragment(inputs: ReportInputs) -> str:
     words = words_for(inputs.intervention)
     intro = (f"{len(head)} features in {head['layer'].nunique()} layers, each {words.applied(inputs.alpha)}. ΔCE and "
              f"KL are in nats, where the feature fires (live) and over all tokens, with the 95% interval from "
-             f"resampling documents below; **bold** live ΔCE is distinguishable from zero after Holm's adjustment "
-             f"across the study. *Live* is the number (and share) of live positions. The tokens are ours: the largest "
+             f"resampling documents below (none from fewer than {MIN_INTERVAL_DOCS} documents); **bold** live ΔCE "
+             f"moves the loss one way (sign-flip test, Holm-adjusted across the study). *Live* is the number (and share) of live positions. The tokens are ours: the largest "
              f"and smallest mean changes of the centred logits at live positions. Tokens are quoted; a shaded ↵ is a "
              f"newline, ⇥ a tab, \\xNN another invisible character.")
     intro += (" The W<sub>U</sub> rows are the feature's direct effect on the logits, its decoder direction times "

@@ -1,6 +1,6 @@
 """The report's statistics: the intervention and uncertainty method as this run used them, and the
-study-wide tests (does the loss move where the feature fires; is the feature's effect unlike its random
-controls'), every sentence filled from metrics/per_feature_metrics.csv and worded for the chosen
+study-wide tests (does the loss move one way where the feature fires; does the feature's direction move the
+model unlike a random one; docs/statistics.md), every sentence filled from metrics/per_feature_metrics.csv and worded for the chosen
 intervention (pipeline.intervention_words)."""
 
 from __future__ import annotations
@@ -8,7 +8,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from pipeline.engine.resampling import EXACT_MAX_DOCS, FWER, N_BOOT, N_FLIPS
+from pipeline.engine.direction_test import required_spreads
+from pipeline.engine.resampling import EXACT_MAX_DOCS, FWER, MIN_INTERVAL_DOCS, N_BOOT, N_FAMILIES, N_FLIPS
 from pipeline.intervention_words import words_for
 from pipeline.report.inputs import ReportInputs
 from pipeline.report.text import h, num, pct, raw_html
@@ -42,30 +43,37 @@ def statistics_method_fragment(inputs: ReportInputs) -> str:
     words = words_for(inputs.intervention)
     n_docs = int(pf["n_docs"].iloc[0])
     n_passages = int(pf["n_passages"].iloc[0])
-    draws = "no random-direction controls (`control_draws: 0`)"
-    if pf["ctrl_kl"].notna().any():
-        draws = "random-direction controls"
+    draws = int(pf["ctrl_draws"].max()) if "ctrl_draws" in pf and pf["ctrl_draws"].notna().any() else 0
     ctx = pf["sae_context_size"].dropna()
     parts = [
         f"- **Unit of resampling: the document.** The {n_passages} passages come from {n_docs} documents of the "
-        "corpus (passages cut from one article are not independent). Intervals are 95% percentile intervals of a "
-        f"document bootstrap ({N_BOOT:,} resamples of the documents, each metric as the ratio of document sums).",
-        "- **Tests.** For each (layer, feature, value other than the identity), a two-sided sign-flip test by "
-        "document of “the mean ΔCE over live positions is 0” (exact over all sign vectors up to "
-        f"{EXACT_MAX_DOCS} documents, else {N_FLIPS:,} random ones), and one of “the live KL equals the random "
-        "controls' live KL”, paired position by position. The p-values are adjusted with **Holm's** method across "
-        f"the whole study, one family per question, and a verdict holds the family-wise error rate at {FWER:g}. "
-        "A feature that fires in k documents cannot reach a p-value below 2 / 2^k: where even that could not pass "
-        "Holm's first threshold, the row is marked *too rare to test* rather than “no effect”.",
-        f"- **Controls.** With {draws}: for each feature and {words.symbol}, the same per-position push "
-        "‖Δx_t‖ along a random unit direction (seeded, independent of the model; the mean over draws). "
-        "*Specificity* is the feature's live KL over its controls' live KL.",
+        "corpus (passages cut from one article are not independent). Each metric is the ratio of document sums; "
+        "its 95% interval is a symmetric studentized (bootstrap-t) interval over the documents where the metric has "
+        f"positions ({N_BOOT:,} resamples of them). It is shown only from {MIN_INTERVAL_DOCS} such documents up: "
+        "below that, a simulation of this interval (in the tests) covers the true value too rarely, and the "
+        "interval is left blank.",
+        "- **Tests of the loss change.** For each (layer, feature, value other than the identity), a two-sided "
+        "sign-flip test by document whose null hypothesis is that each document's summed ΔCE over live positions "
+        "is *symmetric about zero* (as likely to lower the loss as to raise it, by the same amounts). It is exact "
+        f"under that null whatever the shape of the effects (every sign vector up to {EXACT_MAX_DOCS} documents, "
+        f"else {N_FLIPS:,} random ones). It is not a test that the mean change is zero: a change that averages zero "
+        "but is skewed can be rejected; the interval is the statement about the mean. A rejection reads *moves the "
+        "loss one way*. With k ≤ "
+        f"{EXACT_MAX_DOCS} documents the test cannot give p below 2 / 2^k; with more, the random sign vectors "
+        f"cannot give p below 1 / {N_FLIPS + 1:,}. The p-values are adjusted with **Holm's** method across the "
+        f"whole study (family-wise error rate {FWER:g}). A row is *too rare to test* only if no outcome of its own "
+        "test could pass Holm (its smallest possible p, with every other p as observed); otherwise an unrejected "
+        "row is *not shown to move the loss one way* at this sample size, which is not evidence of no effect.",
+        random_directions_method(words.symbol, draws, pf),
+        f"- **Two families.** The loss tests and the random-direction comparisons are each held to {FWER:g}, so the "
+        f"chance of any false verdict across both is up to {N_FAMILIES * FWER:g}.",
         "- **Dose.** Beside each value: the mean over live positions of ‖Δx_t‖ / ‖x_t‖ (the push relative to the "
         "residual there) and the push along the decoder direction in units of the feature's maximum activation "
         "on the corpus, so features and layers can be compared at equal push.",
-        "- **What the uncertainty covers**: which documents of this corpus the passages came from. It does not "
-        "cover the choice of features, the SAE's or model's training randomness, the live threshold, or text "
-        "unlike this corpus; the verdicts are about these features on this kind of text.",
+        "- **What the uncertainty covers**: which documents of this corpus the passages came from, and, for the "
+        "random-direction comparison, which random directions were drawn. It does not cover the choice of "
+        "features, the SAE's or model's training randomness, the live threshold, or text unlike this corpus; the "
+        "verdicts are about these features on this kind of text.",
     ]
     if len(ctx):
         size = int(ctx.iloc[0])
@@ -75,9 +83,41 @@ def statistics_method_fragment(inputs: ReportInputs) -> str:
     return "\n".join(parts) + "\n"
 
 
+def random_directions_method(symbol: str, draws: int, pf: pd.DataFrame) -> str:
+    if draws == 0:
+        return "- **Random directions.** None in this run (`control_draws: 0`)."
+    text = (f"- **Random directions.** For each feature and {symbol}, {draws} random unit directions (seeded, "
+            "independent of the model) pushed exactly as hard as the feature at the same positions (‖Δx_t‖ per "
+            "position). The null hypothesis is that the feature's direction is one more random direction: its "
+            "live KL is compared with the draws' on the log scale, against the spread between the draws "
+            f"(t with {draws - 1} degrees of freedom, a prediction test). *KL ratio to random* is the feature's "
+            "live KL over the draws' geometric mean; it says how much more the model is disturbed, not how "
+            "specific the effect is. The draws' range and the number of draws that moved the model at least as "
+            "much are in the tables.")
+    m = int(pf["p_vs_random"].notna().sum()) if "p_vs_random" in pf else 0
+    if draws >= 2 and m:
+        need = required_spreads(draws, m, FWER) * (1 + 1 / draws) ** 0.5
+        text += (f" With {draws} draws and {m} comparisons, passing Holm's first threshold needs the feature's log "
+                 f"live KL to lie {num(need, 3)} draw standard deviations from the draws' mean; more draws "
+                 "(`control_draws`) lower that bar, each at the engine cost of the feature itself.")
+    elif draws == 1:
+        text += " One draw gives the ratio but no spread, so no test."
+    return text
+
+
 def _count_by_alpha(rows: pd.DataFrame, flag: str) -> str:
     counts = rows.groupby("alpha")[flag].agg(["sum", "size"])
     return ", ".join(f"{a:g}: {int(r['sum'])} of {int(r['size'])}" for a, r in counts.iterrows())
+
+
+def test_counts(per_feature: pd.DataFrame) -> dict[str, int]:
+    """The loss tests split three ways that sum to the number of tests: significant (read first), too rare to
+    test (no outcome of its own test could pass Holm), not shown (the rest)."""
+    tests = per_feature[per_feature["p_adj_delta_ce_live"].notna()]
+    sig = tests["significant"].astype(bool)
+    rare = ~tests["testable"].astype(bool) & ~sig
+    return {"tests": len(tests), "significant": int(sig.sum()), "too_rare": int(rare.sum()),
+            "not_shown": int((~sig & ~rare).sum())}
 
 
 def tests_fragment(inputs: ReportInputs) -> str:
@@ -87,19 +127,19 @@ def tests_fragment(inputs: ReportInputs) -> str:
     tests = pf[pf["p_adj_delta_ce_live"].notna()]
     if tests.empty:
         return "No row of this run has a test (no live position at any value other than the identity).\n"
-    n_sig, n_untestable = int(tests["significant"].sum()), int((~tests["testable"].astype(bool)).sum())
-    spec = pf[pf["p_adj_specific"].notna()]
-    out = [f"Of the {len(tests)} tests of the loss change at live positions (layers × features × values of "
-           f"{words.symbol} other than the identity), **{n_sig}** are distinguishable from zero after Holm's "
-           f"adjustment (FWER {FWER:g}); {n_untestable} concern features that fire in too few documents to be "
-           "testable at this sample size"
-           + (f", and {len(tests) - n_sig - n_untestable} are not distinguishable from zero at this sample size. "
-              if len(tests) - n_sig - n_untestable else ". ") +
-           f"Distinguishable, by {words.symbol}: {_count_by_alpha(tests, 'significant')}."]
-    if len(spec):
-        out.append(f"Against the random-direction controls, **{int(spec['more_specific'].sum())}** of {len(spec)} "
-                   "(feature, value) rows move the model more (live KL) than a random direction pushed as hard, after "
-                   f"adjustment; by {words.symbol}: {_count_by_alpha(spec, 'more_specific')}.")
+    c = test_counts(pf)
+    versus = pf[pf["p_adj_vs_random"].notna()]
+    out = [f"Of the {c['tests']} tests of the loss change at live positions (layers × features × values of "
+           f"{words.symbol} other than the identity), **{c['significant']}** move the loss one way after Holm's "
+           f"adjustment (FWER {FWER:g}), {c['too_rare']} concern features that fire in too few documents for any "
+           f"outcome to pass, and {c['not_shown']} are not shown to move it one way at this sample size. "
+           f"Moving the loss one way, by {words.symbol}: {_count_by_alpha(tests, 'significant')}."]
+    if len(versus):
+        more, less = int(versus["more_than_random"].sum()), int(versus["less_than_random"].sum())
+        out.append(f"Against random directions pushed exactly as hard, **{more}** of {len(versus)} (feature, value) "
+                   f"rows move the model (live KL) more than a random direction would, and {less} less, after "
+                   f"adjustment (a second family at FWER {FWER:g}); more, by {words.symbol}: "
+                   f"{_count_by_alpha(versus, 'more_than_random')}.")
     ctx = pf["frac_live_beyond_ctx"].dropna()
     if len(ctx):
         out.append(f"Positions beyond the SAE's training context ({int(pf['sae_context_size'].dropna().iloc[0])} "
@@ -115,27 +155,38 @@ def _p(value) -> str:
 def _verdict(r: pd.Series) -> str:
     if not np.isfinite(r["p_adj_delta_ce_live"]):
         return '<span class="muted">no test</span>'
+    if bool(r["significant"]):
+        return "<strong>moves the loss one way</strong>"
     if not bool(r["testable"]):
         return '<span class="muted">too rare to test</span>'
-    return "<strong>distinguishable</strong>" if bool(r["significant"]) else "not distinguishable"
+    return "not shown"
+
+
+def _versus_random(r: pd.Series) -> str:
+    if not np.isfinite(r["kl_ratio_random"]):
+        return "–"
+    verdict = " <em>more</em>" if bool(r["more_than_random"]) else (" <em>less</em>" if bool(r["less_than_random"])
+                                                                      else "")
+    return num(r["kl_ratio_random"], 2) + verdict
 
 
 def tests_table(inputs: ReportInputs) -> str:
     head = inputs.headline
     words = words_for(inputs.intervention)
     cols = ["Layer", "Feature", "Docs (live)", "ΔCE live [95% CI]", "Holm p", "Verdict", "KL live",
-            "Control KL live", "Specificity", "Holm p (spec.)", "‖Δx‖/‖x‖", "Push (× max act)", "Live beyond ctx",
-            "ΔCE live, t < ctx"]
+            "Random KL live [range]", "KL ratio to random", "Holm p (vs random)", "‖Δx‖/‖x‖", "Push (× max act)",
+            "Live beyond ctx", "ΔCE live, t < ctx"]
     lines = ['<table class="tests" data-quarto-disable-processing="true">',
              f"<caption>Each feature {h(words.applied(inputs.alpha))}: tests and controls</caption>",
              "<thead><tr>" + "".join(f"<th>{h(c)}</th>" for c in cols) + "</tr></thead>", "<tbody>"]
     for _, r in head.iterrows():
-        ci = f"{num(r['delta_ce_live'])} [{num(r['delta_ce_live_lo'], 2)}, {num(r['delta_ce_live_hi'], 2)}]"
-        spec = "more specific" if bool(r["more_specific"]) else ""
+        ci = num(r["delta_ce_live"]) + (f" [{num(r['delta_ce_live_lo'], 2)}, {num(r['delta_ce_live_hi'], 2)}]"
+                                        if np.isfinite(r["delta_ce_live_lo"]) else " [too few documents]")
+        ctrl = (f"{num(r['ctrl_kl_live'])} [{num(r['ctrl_kl_live_min'], 2)}, {num(r['ctrl_kl_live_max'], 2)}]"
+                if np.isfinite(r["ctrl_kl_live"]) else "–")
         cells = [str(int(r["layer"])), str(int(r["feature"])), f"{int(r['n_docs_live'])} of {int(r['n_docs'])}", ci,
-                 _p(r["p_adj_delta_ce_live"]), _verdict(r), num(r["kl_live"]), num(r["ctrl_kl_live"]),
-                 (num(r["specificity"], 2) + (f" <em>{spec}</em>" if spec else "")) if np.isfinite(r["specificity"]) else "–",
-                 _p(r["p_adj_specific"]), num(r["dose_rel_norm"], 2), num(r["push_max_act"], 2),
+                 _p(r["p_adj_delta_ce_live"]), _verdict(r), num(r["kl_live"]), ctrl, _versus_random(r),
+                 _p(r["p_adj_vs_random"]), num(r["dose_rel_norm"], 2), num(r["push_max_act"], 2),
                  pct(r["frac_live_beyond_ctx"]) if np.isfinite(r["frac_live_beyond_ctx"]) else "–",
                  num(r["delta_ce_live_in_ctx"])]
         lines.append("<tr>" + "".join(f'<td class="num">{c if "<" in c else h(c)}</td>' for c in cells) + "</tr>")

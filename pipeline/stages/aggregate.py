@@ -1,10 +1,11 @@
 """Stage `aggregate`: per-layer tables -> the study's tables and DVC metrics.
 
 - metrics/per_feature_metrics.csv: one row per (layer, feature, alpha), with the feature's label,
-  source and Neuronpedia link joined in, and the study-wide tests: Holm-adjusted p-values over every
-  (layer, feature, alpha other than the identity) with a test (`p_adj_delta_ce_live`, `p_adj_specific`),
-  whether a row can be tested at all at this sample size (`testable`), and the verdicts at FWER 0.05
-  (`significant`, `more_specific`);
+  source and Neuronpedia link joined in, and the study-wide tests (docs/statistics.md): Holm-adjusted
+  p-values over every (layer, feature, alpha other than the identity) with a test, one family per
+  question (`p_adj_delta_ce_live`, `p_adj_vs_random`), whether any outcome of a row's own test could make
+  it significant (`testable`), and the verdicts at FWER 0.05 per family (`significant`,
+  `more_than_random`, `less_than_random`);
 - metrics/per_layer_summary.csv: per (layer, alpha), mean / std / min / max over the features;
 - metrics/summary.json: small, headline numbers at `alpha` plus sanity counts, for
   `dvc metrics diff`.
@@ -24,7 +25,7 @@ from pipeline import artifacts
 from pipeline.config import Config
 from pipeline.engine.identity import INTERVENTION_IDENTITY
 from pipeline.engine.inference import INFERENCE_COLUMNS, nan_allowed
-from pipeline.engine.resampling import FWER, holm
+from pipeline.engine.resampling import FWER, N_FAMILIES, holm, holm_reachable
 from pipeline.errors import UserError
 from pipeline.io import write_csv, write_json
 from pipeline.runinfo import stage_record
@@ -66,21 +67,22 @@ def per_feature_table(config: Config) -> pd.DataFrame:
 
 
 def add_study_tests(frame: pd.DataFrame, identity: float | None) -> pd.DataFrame:
-    """Holm-adjusted p-values across the whole study, one family per question (does the loss move; is the
-    feature's effect unlike its random controls'), each over the rows that are a test: a value other than
-    the intervention's identity, with a p-value. A row is `testable` when even its smallest achievable
-    p-value (few documents) could pass Holm's first threshold FWER / m."""
+    """Holm-adjusted p-values across the whole study, one family per question (does the loss move one way where
+    the feature fires; does the feature's direction move the model unlike a random one), each over the rows
+    that are a test: a value other than the intervention's identity, with a p-value. `significant` is read
+    first; a row is `testable` unless no outcome of its own sign-flip test (its p at its floor `min_p`, every
+    other p as observed) could pass Holm, so significant + too rare + not shown = the tests."""
     out = frame.copy()
     is_test_row = out["alpha"] != identity if identity is not None else pd.Series(True, index=out.index)
-    for p_col, min_col, adj_col, test_col, verdict in (
-            ("p_delta_ce_live", "min_p_delta_ce_live", "p_adj_delta_ce_live", "testable", "significant"),
-            ("p_specific", "min_p_specific", "p_adj_specific", "testable_specific", "more_specific")):
-        p = out[p_col].where(is_test_row)
-        out[adj_col] = holm(p.to_numpy())
-        m = int(p.notna().sum())
-        out[test_col] = (out[min_col] <= FWER / m) & p.notna() if m else False
-        out[verdict] = out[adj_col] <= FWER
-    out["more_specific"] = out["more_specific"] & (out["kl_live"] > out["ctrl_kl_live"])
+    p = out["p_delta_ce_live"].where(is_test_row)
+    out["p_adj_delta_ce_live"] = holm(p.to_numpy())
+    out["significant"] = out["p_adj_delta_ce_live"] <= FWER
+    out["testable"] = holm_reachable(p.to_numpy(), out["min_p_delta_ce_live"].to_numpy())
+    p_random = out["p_vs_random"].where(is_test_row)
+    out["p_adj_vs_random"] = holm(p_random.to_numpy())
+    beyond = out["p_adj_vs_random"] <= FWER
+    out["more_than_random"] = beyond & (out["kl_ratio_random"] > 1)
+    out["less_than_random"] = beyond & (out["kl_ratio_random"] < 1)
     return out
 
 
@@ -100,9 +102,10 @@ def per_layer_table(per_feature: pd.DataFrame) -> pd.DataFrame:
         delta_ce_live_mean=("delta_ce_live", "mean"),
         kl_live_mean=("kl_live", "mean"),
         ctrl_kl_live_mean=("ctrl_kl_live", "mean"),
-        specificity_median=("specificity", "median"),
+        kl_ratio_random_median=("kl_ratio_random", "median"),
         n_significant=("significant", "sum"),
-        n_more_specific=("more_specific", "sum"),
+        n_more_than_random=("more_than_random", "sum"),
+        n_less_than_random=("less_than_random", "sum"),
         frac_live_mean=("frac_live", "mean"),
     )
     return out.reset_index()
@@ -158,7 +161,7 @@ def summary(per_feature: pd.DataFrame, config: Config, identity: float | None) -
         for layer, g in head.groupby("layer")
     }
     tests = per_feature[per_feature["p_adj_delta_ce_live"].notna()]
-    spec = per_feature[per_feature["p_adj_specific"].notna()]
+    versus = per_feature[per_feature["p_adj_vs_random"].notna()]
     return {
         "alpha": config.alpha,
         "intervention": config.intervention,
@@ -167,19 +170,23 @@ def summary(per_feature: pd.DataFrame, config: Config, identity: float | None) -
         "mean_delta_ce_live": r(head["delta_ce_live"].mean()),
         "mean_kl_live": r(head["kl_live"].mean()),
         "mean_ctrl_kl_live": r(head["ctrl_kl_live"].mean()),
-        "median_specificity": r(head["specificity"].median()),
+        "median_kl_ratio_random": r(head["kl_ratio_random"].median()),
         "mean_delta_ce": r(head["delta_ce"].mean()),
         "mean_kl": r(head["kl"].mean()),
         "max_kl_live": strongest("kl_live"),
         "max_kl": strongest("kl"),
         "tests": {
-            "method": "sign-flip by document, Holm-adjusted across the study",
+            "method": "sign-flip by document (null: symmetric about 0), Holm-adjusted across the study",
             "fwer": FWER,
+            "fwer_study": N_FAMILIES * FWER,
             "n_tests": int(len(tests)),
-            "n_testable": int(tests["testable"].sum()),
             "n_significant": int(tests["significant"].sum()),
-            "n_specificity_tests": int(len(spec)),
-            "n_more_specific": int(spec["more_specific"].sum()),
+            "n_too_rare": int((~tests["testable"].astype(bool)).sum()),
+            "n_not_shown": int((tests["testable"].astype(bool) & ~tests["significant"].astype(bool)).sum()),
+            "random_method": "t on log live KL against the draws, K - 1 df, Holm-adjusted across the study",
+            "n_random_tests": int(len(versus)),
+            "n_more_than_random": int(versus["more_than_random"].sum()),
+            "n_less_than_random": int(versus["less_than_random"].sum()),
         },
         "per_layer": per_layer,
         "sanity": sanity(per_feature, identity),

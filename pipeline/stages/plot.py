@@ -3,13 +3,14 @@
 Every figure shows effects where the feature fires (its live positions); the all-token means are in
 the CSVs beside them.
 - plots/layer_vs_dloss_alpha<alpha>.png: live delta-CE per layer at the headline alpha, each feature a
-  point with its 95% document-bootstrap interval (filled: distinguishable from zero after Holm's
-  adjustment), its random-direction control as a grey cross, the layer mean as a line
+  point with its 95% bootstrap-t interval by document (none below MIN_INTERVAL_DOCS documents; filled:
+  the sign-flip test rejects "symmetric about 0" after Holm's adjustment), its random-direction controls'
+  mean as a grey cross, the layer mean as a line
   (data: plots/layer_dce.csv);
 - plots/dce_vs_alpha.png and plots/kl_vs_alpha.png: the sweep, live means over features per layer,
   the controls' dashed (data: plots/alpha_sweep.csv);
 - plots/kl_heatmap.png: live KL at the headline alpha, layer x feature, with each feature's
-  specificity (its live KL over its controls') (data: plots/kl_heatmap.csv).
+  KL ratio to random directions (its live KL over the geometric mean of its controls') (data: plots/kl_heatmap.csv).
 Axis labels and titles follow the intervention (pipeline.intervention_words).
 Only plot settings and the metrics tables are read: changing a plot setting re-runs no forward pass.
 """
@@ -27,6 +28,7 @@ import pandas as pd  # noqa: E402
 
 from pipeline import artifacts  # noqa: E402
 from pipeline.config import Config  # noqa: E402
+from pipeline.engine.resampling import MIN_INTERVAL_DOCS  # noqa: E402
 from pipeline.errors import UserError  # noqa: E402
 from pipeline.intervention_words import InterventionWords, words_for  # noqa: E402
 from pipeline.io import atomic_path, write_csv  # noqa: E402
@@ -73,12 +75,13 @@ def layer_dce_figure(per_feature: pd.DataFrame, alpha: float, dpi: int, words: I
         ax.scatter(x, g["ctrl_delta_ce_live"], s=18, marker="x", color="grey", zorder=2)
     means = head.groupby("layer")["delta_ce_live"].mean()
     ax.plot(means.index, means.values, color="tab:red", lw=1.8, label="mean over features")
-    ax.scatter([], [], s=22, color="tab:blue", label="feature (filled: Holm-adjusted p ≤ 0.05)")
-    ax.scatter([], [], s=18, marker="x", color="grey", label="random-direction control")
+    ax.scatter([], [], s=22, color="tab:blue", label="feature (filled: moves the loss one way, Holm p ≤ 0.05)")
+    ax.scatter([], [], s=18, marker="x", color="grey", label="random directions (mean of the draws)")
     ax.axhline(0, color="black", lw=0.8)
     ax.set_xlabel("layer (resid_post)")
     ax.set_ylabel("Δ cross-entropy at live positions (nats)")
-    ax.set_title(f"Each feature {words.applied(alpha)}: loss change where it fires (bars: 95% interval by document)",
+    ax.set_title(f"Each feature {words.applied(alpha)}: loss change where it fires (bars: 95% bootstrap-t interval "
+                 f"by document, from {MIN_INTERVAL_DOCS} documents)",
                  fontsize=9)
     ax.set_xticks(layers)
     ax.legend(loc="best", fontsize=7)
@@ -123,16 +126,16 @@ def kl_heatmap(per_feature: pd.DataFrame, alpha: float, dpi: int, words: Interve
     for (i, j), v in np.ndenumerate(grid.to_numpy()):
         cell = head[(head["layer"] == grid.index[i]) & (head["rank"] == grid.columns[j])]
         if len(cell):
-            spec = cell["specificity"].iloc[0]
-            spec_text = f"\n×{spec:.2g}" if np.isfinite(spec) else ""
+            ratio = cell["kl_ratio_random"].iloc[0]
+            spec_text = f"\n×{ratio:.2g}" if np.isfinite(ratio) else ""
             ax.text(j, i, f"{int(cell['feature'].iloc[0])}\n{v:.2g}{spec_text}", ha="center", va="center",
                     fontsize=6, color="white" if np.isfinite(v) and v > top / 2 else "black")
-    ax.set_xlabel("features of the layer, by index (cell: feature, live KL, × its random controls' live KL)")
+    ax.set_xlabel("features of the layer, by index (cell: feature, live KL, × random directions' live KL)")
     ax.set_ylabel("layer")
     ax.set_title(f"KL at live positions, each feature {words.applied(alpha)}", fontsize=9)
     fig.colorbar(im, ax=ax, label="nats")
     _save(fig, artifacts.KL_HEATMAP_PNG, dpi)
-    return head[["layer", "rank", "feature", "kl_live", "ctrl_kl_live", "specificity", "kl"]]
+    return head[["layer", "rank", "feature", "kl_live", "ctrl_kl_live", "kl_ratio_random", "kl"]]
 
 
 def run_plot_stage(config: Config | StageParams) -> list[Path]:
