@@ -21,9 +21,9 @@ from typing import Any
 
 import typer
 
-from pipeline import artifacts
-from pipeline.config import PARAMS
-from pipeline.errors import UserError
+from pipeline.core import artifacts
+from pipeline.core.errors import UserError
+from pipeline.params.config import PARAMS
 
 app = typer.Typer(
     help="SAE feature interventions on GPT-2 Small: scale a feature by alpha, measure the model.\n\n"
@@ -61,7 +61,7 @@ def main(
     _state.debug = debug
     signal.signal(signal.SIGTERM, _on_sigterm)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    from pipeline.quiet import quiet_library_warnings
+    from pipeline.core.quiet import quiet_library_warnings
 
     quiet_library_warnings()
 
@@ -92,7 +92,7 @@ def _run(target: str, *args: Any) -> Any:
     second, not the several seconds torch and TransformerLens take to import.
     """
     with _one_line_errors("finished outputs are kept, nothing half-written"):
-        from pipeline.config import load_config
+        from pipeline.params.config import load_config
 
         config = load_config(_state.params)
         module, name = target.split(":")
@@ -112,16 +112,16 @@ def collect_garbage_again() -> None:
 @app.command()
 def plan(as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table.")) -> None:
     """Print the resolved plan (model, SAEs, hooks, Neuronpedia sources, forward passes); loads no weights."""
-    from pipeline.preview import format_plan
+    from pipeline.plan.show import format_plan
 
-    result = _run("pipeline.preview:build_plan")
+    result = _run("pipeline.plan.show:build_plan")
     typer.echo(json.dumps(result, indent=2) if as_json else format_plan(result))
 
 
 @app.command()
 def check() -> None:
     """Check params.yaml and the inputs it names (device, corpus, layers, features file) in a second."""
-    plans = _run("pipeline.validate:preflight")
+    plans = _run("pipeline.preflight:preflight")
     typer.echo(f"check: params.yaml is valid; {len(plans)} layers resolved")
 
 

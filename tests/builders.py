@@ -6,7 +6,7 @@ import warnings
 
 import torch
 
-from pipeline.quiet import quiet_library_warnings
+from pipeline.core.quiet import quiet_library_warnings
 
 quiet_library_warnings()
 

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import os
 import shutil
 import socket
@@ -17,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.quiet import quiet_library_warnings
+from pipeline.core.quiet import quiet_library_warnings
 
 ROOT = Path(__file__).resolve().parents[1]
 quiet_library_warnings()
@@ -86,3 +87,71 @@ def run_dvc(args: list[str], cwd: Path, timeout: float = 900, env: dict | None =
     dvc = Path(sys.executable).parent / "dvc"
     return subprocess.run([str(dvc), *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, **GIT_ENV, **(env or {})})
+
+
+# ---- the shared toy study ------------------------------------------------------------------------------------
+
+# A small toy study (random weights, two layers at both ends of the model): every stage runs once per test
+# session, in-process, and the tests that read a finished study share it.
+TOY_STUDY_PARAMS = {"preset": "toy", "layers": [0, 11], "max_passages": 8, "max_len": 32, "features_per_layer": 3,
+                    "toy_lm_steps": 0, "toy_sae_steps": 0, "n_snippets": 2, "max_density": 0.2,
+                    "generate_tokens": 12, "generate_prompts": ["The", "I think"]}
+TOY_STUDY_PARAMS_FILE = "small.yaml"  # in the study's folder: the same params, for the command line
+REPORT_STAGE_RESULT = "report_stage.json"  # in the study's folder: what the report stage returned
+
+
+def toy_study_params(**overrides) -> dict:
+    """params.yaml's keys with the shared toy study's values (and `overrides`)."""
+    import yaml
+
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    return {**raw, **TOY_STUDY_PARAMS, **overrides}
+
+
+def run_stages(config) -> None:
+    """Every stage of the study up to `plot`, in-process, in the current directory."""
+    from pipeline.stages.aggregate import run_aggregate_stage
+    from pipeline.stages.features import run_features_stage
+    from pipeline.stages.generate import run_generate_stage
+    from pipeline.stages.intervene import run_intervene_stage
+    from pipeline.stages.model import run_model_stage
+    from pipeline.stages.plot import run_plot_stage
+    from pipeline.stages.tokenize import run_tokenize_stage
+
+    run_model_stage(config)
+    run_tokenize_stage(config)
+    run_features_stage(config)
+    for layer in config.layers:
+        run_intervene_stage(config, layer)
+    run_generate_stage(config)
+    run_aggregate_stage(config)
+    run_plot_stage(config)
+
+
+@pytest.fixture(scope="session")
+def toy_study(tmp_path_factory) -> Path:
+    """The folder of a finished toy study (TOY_STUDY_PARAMS), its report rendered with pandoc. Read it only:
+    a test that changes files works on `copy_of_toy_study`."""
+    import yaml
+
+    from pipeline.core import artifacts
+    from pipeline.params.config import parse_params
+    from pipeline.stages.report import run_report_stage
+
+    root = tmp_path_factory.mktemp("toy-study")
+    (root / artifacts.REPORT_DIR).mkdir()
+    shutil.copy2(ROOT / artifacts.REPORT_QMD, root / artifacts.REPORT_QMD)
+    (root / TOY_STUDY_PARAMS_FILE).write_text(yaml.safe_dump(toy_study_params(), sort_keys=False))
+    config = parse_params(TOY_STUDY_PARAMS)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        run_stages(config)
+        result = run_report_stage(config, renderer="pandoc")
+    (root / REPORT_STAGE_RESULT).write_text(json.dumps(result))
+    return root
+
+
+def copy_of_toy_study(toy_study: Path, dest: Path) -> Path:
+    """A copy of the shared study that a test may change."""
+    shutil.copytree(toy_study, dest)
+    return dest

@@ -3,12 +3,11 @@ import torch
 
 import pipeline.cli  # noqa: F401 - the stage's imports, as measured
 import pipeline.stages.intervene  # noqa: F401
-from pipeline.artifacts import ModelRecord
-from pipeline.loading import load_study_model_fast, load_study_sae_fast
-from pipeline.tokenizer import study_tokenizer
+from pipeline.load import load_model, load_sae, load_tokenizer
+from pipeline.plan.record import ModelRecord
 
 r = ModelRecord.read()
-m = load_study_model_fast(r, torch.device("cpu"), "float32")
-s = load_study_sae_fast(r, 6, torch.device("cpu"), "float32")
-study_tokenizer(r)
+m = load_model(r, torch.device("cpu"), "float32")
+s = load_sae(r, 6, torch.device("cpu"), "float32")
+load_tokenizer(r)
 print(type(m).__name__, type(s).__name__)

@@ -1,6 +1,6 @@
 """What the engine is measured against: SAE-Lens's own splice and the definition computed in float64.
 
-Shared by the bench and the tests (tests/test_engine_exact.py, tests/test_bench.py), so the yardstick is written
+Shared by the bench and the tests (tests/engine/test_engine_exact.py, tests/engine/test_bench.py), so the yardstick is written
 once and neither borrows the engine's code:
 
 - `sae_lens_splice` / `plain_way`: what a careful user writes from SAE-Lens's docs, HookedSAETransformer with the SAE
@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline.core.modes import MODES
 from pipeline.engine.metrics import live_positions, variant_metrics
 
 COMPARED = ("ce_int", "delta_ce", "kl", "delta_ce_live", "kl_live", "mean_act_live")
@@ -77,14 +78,11 @@ def plain_way(model, sae, tokens: torch.Tensor, hook: str, features: list[int], 
 
 
 def activation_shift(intervention: str, acts: torch.Tensor, value: float) -> torch.Tensor:
-    """How far along the feature's decoder direction each position moves (design.md's three interventions)."""
-    if intervention == "scale":  # feature scaled by alpha = value: 1 is the clean model, 0 ablates it
-        return (value - 1.0) * acts
-    if intervention == "clamp":  # activation set to value everywhere
-        return torch.full_like(acts, value) - acts
-    if intervention == "add":  # steer by value along the decoder direction
-        return torch.full_like(acts, value)
-    raise ValueError(f"unknown intervention {intervention!r}")
+    """How far along the feature's decoder direction each position moves: the mode's definition
+    (pipeline.core.modes), not the engine's delta functions."""
+    if intervention not in MODES:
+        raise ValueError(f"unknown intervention {intervention!r}")
+    return MODES[intervention].shift(acts, value)
 
 
 def definition_hook(encode: Callable[[torch.Tensor], torch.Tensor], direction: torch.Tensor, intervention: str,

@@ -31,12 +31,12 @@ from pipeline.bench.references import (
     plain_way,
     precision_cost,
 )
-from pipeline.config import DTYPES
+from pipeline.core.errors import UserError
+from pipeline.core.io import write_json
+from pipeline.core.quiet import quiet_library_warnings
 from pipeline.engine.run import run_layer
-from pipeline.errors import UserError
-from pipeline.io import write_json
-from pipeline.loading import resolve_device, torch_dtype
-from pipeline.quiet import quiet_library_warnings
+from pipeline.params.config import DTYPES
+from pipeline.params.device import resolve_device, torch_dtype
 
 
 def run_workload(w: wl.Workload, device: torch.device, dtypes: list[str], skip_plain: bool, log,

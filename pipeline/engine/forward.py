@@ -15,7 +15,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from pipeline.engine.interventions import Intervention
-from pipeline.loading import check_sae_decoder
+from pipeline.load.library import check_sae_decoder
 
 
 def residual_at(model, tokens: Int[Tensor, "batch pos"], resume_at: int) -> Float[Tensor, "batch pos d_model"]:
@@ -53,7 +53,7 @@ def unembed(model, final: Float[Tensor, "*rows d_model"]) -> Float[Tensor, "*row
 
     Bit-for-bit TransformerLens's `model.unembed` (the same F.linear on the same weight layout),
     without its per-call weight copy."""
-    from pipeline.processed.model import apply_softcap  # TransformerLens's, without importing it
+    from pipeline.load.processed.model import apply_softcap  # TransformerLens's, without importing it
 
     logits = torch.nn.functional.linear(final, _unembed_weight(model), model.unembed.b_U)
     return apply_softcap(logits, model.cfg.output_logits_soft_cap).float()
@@ -65,7 +65,7 @@ class FeatureEncoder:
 
     d_i is W_dec[i], except for a (Abs)TopK SAE with `rescale_acts_by_decoder_norm`, whose decode
     multiplies a_i by 1 / ||W_dec[i]|| first: there d_i = W_dec[i] / ||W_dec[i]||. SAEs whose
-    reconstruction is not of that form are refused (pipeline.loading.check_sae_decoder).
+    reconstruction is not of that form are refused (pipeline.load.library.check_sae_decoder).
 
     StandardSAE (ReLU) and JumpReLUSAE compute feature i from column i of W_enc alone, so only
     those columns are multiplied: for 5 of 24,576 features that is ~5,000x less encoder work.
@@ -73,7 +73,7 @@ class FeatureEncoder:
     """
 
     def __init__(self, sae, features: list[int]):
-        from pipeline.processed.sae import sae_kind  # SAE-Lens's classes, or the processed SAE's
+        from pipeline.load.processed.sae import sae_kind  # SAE-Lens's classes, or the processed SAE's
 
         check_sae_decoder(sae, sae.cfg.metadata.hook_name or "given")
         self.sae = sae

@@ -18,7 +18,7 @@ How it is computed (pure functions; tensors on the model's device):
   alone: an exact sample of softmax(logits / temperature), the same noise for every row of a
   prompt (common random numbers: a steered row and the clean row differ only where the steering
   changed the distribution), and independent of how rows are batched.
-tests/test_generate.py checks this against a loop of full forward passes without a cache.
+tests/engine/test_generate_kv_cache.py checks this against a loop of full forward passes without a cache.
 """
 
 from __future__ import annotations

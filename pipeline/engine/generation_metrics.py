@@ -22,8 +22,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from pipeline.core.columns import GENERATION_MEASURES
+
 REPEAT_N = 4
-MEASURES = ("concept_act", "concept_frac", "loss", "distinct_1", "distinct_2", "repetition", "promoted_frac")
+MEASURES = tuple(m.name for m in GENERATION_MEASURES)  # each declared in pipeline.core.columns
 
 
 def distinct_n(ids: Sequence[int], n: int) -> float:

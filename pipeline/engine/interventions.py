@@ -10,6 +10,9 @@ every position t >= 1 (never BOS) becomes x_t + delta_t:
     clamp(v):      delta = (v - a) * d             (feature i's activation set to v everywhere)
     add(c):        delta = c * d                   (steer along the decoder direction)
 
+Each mode's record (words, identity value, its defining `shift`) is pipeline.core.modes's; this module
+keeps the table from mode to its delta function, which tests compare with the record's `shift`.
+
 `value` may be a float or a tensor broadcasting against `acts` (one value per row), and
 `direction` a [d_model] vector or one per row ([rows, 1, d_model]), so many variants are built in
 one call. Each also says where its delta is non-zero (`changes`), which is what lets the engine skip work
@@ -25,17 +28,25 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
-from pipeline.engine.identity import INTERVENTION_IDENTITY
+from pipeline.core.modes import MODES, Mode
 
 
 @dataclass(frozen=True)
 class Intervention:
-    name: str
+    mode: Mode  # the record: name, identity value, words
     # delta(acts [... pos], direction [d_model], value) -> [... pos d_model], before BOS masking
     delta_fn: Callable[[Tensor, Tensor, float], Tensor]
     # changes(acts [... pos], value) -> bool [... pos]: where delta_fn is non-zero
     changes_fn: Callable[[Tensor, float], Tensor]
-    identity: float | None  # the value that leaves the model untouched, if any
+
+    @property
+    def name(self) -> str:
+        return self.mode.name
+
+    @property
+    def identity(self) -> float | None:
+        """The value that leaves the model untouched, if any."""
+        return self.mode.identity
 
     def delta(
         self, acts: Float[Tensor, "*batch pos"], direction: Tensor, value: float | Tensor
@@ -55,24 +66,22 @@ class Intervention:
 
 
 SCALE = Intervention(
-    name="scale",
+    mode=MODES["scale"],
     delta_fn=lambda a, d, alpha: ((alpha - 1.0) * a).unsqueeze(-1) * d,
     changes_fn=lambda a, alpha: (a != 0) & (alpha != 1.0),
-    identity=INTERVENTION_IDENTITY["scale"],
 )
 
 CLAMP = Intervention(
-    name="clamp",
+    mode=MODES["clamp"],
     delta_fn=lambda a, d, v: (v - a).unsqueeze(-1) * d,
     changes_fn=lambda a, v: a != v,
-    identity=INTERVENTION_IDENTITY["clamp"],
 )
 
 ADD = Intervention(
-    name="add",
+    mode=MODES["add"],
     delta_fn=lambda a, d, c: (torch.zeros_like(a) + c).unsqueeze(-1) * d,
     changes_fn=lambda a, c: (torch.zeros_like(a) + c) != 0.0,
-    identity=INTERVENTION_IDENTITY["add"],
 )
 
+# mode name -> its delta function (tests/engine check the keys are pipeline.core.modes.MODES's)
 INTERVENTIONS: dict[str, Intervention] = {i.name: i for i in (SCALE, CLAMP, ADD)}

@@ -1,4 +1,4 @@
-"""The study's metrics, from per-position arrays (design.md's definitions, in float64).
+"""The study's metrics, from per-position arrays (docs/method.md's definitions, in float64).
 
 Tokens X [N, T] with X[:, 0] = BOS; logits at position t predict X[:, t+1]. The scored positions
 are t = 1 .. T-2 (S = T - 2 of them per passage): position 0's input is BOS and position T-1 has
@@ -12,7 +12,7 @@ no next token. Every array here is [N, S] over those positions, column j holding
   (numpy's linear interpolation) of |a_i| over all scored positions; for non-negative activations
   (ReLU, JumpReLU, TopK) that is a_i > max(0, q), q of a_i, bit for bit; live means are NaN when no
   position is live, never 0
-Uncertainty (by document, not passage) is pipeline.engine.inference's.
+Uncertainty (by document, not passage) is pipeline.stats.rows's.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def live_positions(acts_scored: np.ndarray, percentile: float) -> LiveSet:
     return LiveSet(threshold=threshold, mask=magnitude > threshold)
 
 
-def _masked_mean(values: np.ndarray, mask: np.ndarray) -> float:
+def masked_mean(values: np.ndarray, mask: np.ndarray) -> float:
     return float(values[mask].mean()) if mask.any() else math.nan
 
 
@@ -61,9 +61,9 @@ def variant_metrics(ce_clean: np.ndarray, ce_int: np.ndarray, kl: np.ndarray,
         "live_threshold": live.threshold,
         "n_live": n_live,
         "frac_live": n_live / n_scored if n_scored else math.nan,
-        "mean_act_live": _masked_mean(acts_scored.astype(np.float64), live.mask),
-        "delta_ce_live": _masked_mean(delta, live.mask),
-        "kl_live": _masked_mean(kl, live.mask),
+        "mean_act_live": masked_mean(acts_scored.astype(np.float64), live.mask),
+        "delta_ce_live": masked_mean(delta, live.mask),
+        "kl_live": masked_mean(kl, live.mask),
     }
 
 

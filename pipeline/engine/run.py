@@ -1,7 +1,7 @@
 """The engine: every (feature, value) variant of one layer over a token set, with exact shortcuts.
 
 The plain way runs one full forward pass per (feature, value) with the SAE spliced in. This
-computes the same numbers with less work, each shortcut exact (tests/test_engine_exact.py):
+computes the same numbers with less work, each shortcut exact (tests/engine/test_engine_exact.py):
 
 1. Prefix once: the residual at the hook is computed once per passage and cached; every variant
    resumes from it (`start_at_layer`), so blocks before the hook never run again.
@@ -45,10 +45,10 @@ import torch
 from jaxtyping import Bool, Float, Float32, Float64, Int
 from torch import Tensor
 
+from pipeline.core.errors import UserError
 from pipeline.engine.forward import FeatureEncoder, final_residual, is_oom, residual_at, unembed
 from pipeline.engine.interventions import SCALE, Intervention
 from pipeline.engine.metrics import LiveSet, live_positions
-from pipeline.errors import UserError
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ import torch
 
 from pipeline.engine.forward import FeatureEncoder, final_residual, intervened_residual, residual_at, unembed
 from pipeline.engine.interventions import Intervention
-from pipeline.tokenizer import Tokenizer
+from pipeline.load.tokenizer import Tokenizer
 
 CONTEXT_CHARS_BEFORE = 120  # about a line of text, whatever the tokenizer (bytes or BPE)
 CONTEXT_CHARS_AFTER = 30

@@ -1,4 +1,4 @@
-"""What the report concludes, computed from the data: the sanity checks and the short
+"""What the report concludes: the sanity checks (as `aggregate` computed them, worded here) and the short
 "what the numbers mean and what they do not" paragraph.
 
 Nothing here is boilerplate: each sentence is chosen and filled from the headline rows, the
@@ -9,20 +9,15 @@ get the paragraph their numbers support.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from pipeline.artifacts import KL_TOLERANCE
-from pipeline.engine.inference import INFERENCE_COLUMNS, nan_allowed
-from pipeline.intervention_words import words_for
+from pipeline.core.modes import MODES
 from pipeline.report.inputs import ReportInputs
-from pipeline.report.statistics import test_counts
 from pipeline.report.text import md, num, pct, tex_num
-
-# Columns that hold measurements (not labels, token lists or links).
-METRIC_COLUMNS = ("ce_clean", "ce_int", "delta_ce", "delta_ce_se", "kl", "kl_se", "delta_ce_live", "kl_live",
-                  "n_live", "frac_live", "mean_act_live", "live_threshold", "density", "max_act", *INFERENCE_COLUMNS)
+from pipeline.stats.study import test_counts
 
 
 @dataclass(frozen=True)
@@ -32,71 +27,55 @@ class Check:
     detail: str  # markdown
 
 
-def identity_check(per_feature: pd.DataFrame, identity: float | None, intervention: str) -> Check:
+def identity_check(identity: dict[str, Any], intervention: str) -> Check:
     name = "Identity: the unchanged model gives zero effect"
-    if identity is None:
+    if identity.get("alpha") is None:
         return Check(name, None, f"The `{intervention}` intervention has no value that leaves the model "
                                  "unchanged, so there is nothing to check.")
-    rows = per_feature[per_feature["alpha"] == identity]
-    symbol = words_for(intervention).symbol
-    if rows.empty:
-        return Check(name, None, f"{symbol} = {identity:g} is not in this run's sweep, so it was not measured.")
-    effect = rows[["delta_ce", "kl", "delta_ce_live", "kl_live"]].abs()
-    nonzero = int((effect.fillna(0) != 0).any(axis=1).sum())
-    detail = (f"At {symbol} = {identity:g}, {len(rows) - nonzero} of {len(rows)} rows have ΔCE = 0 and KL = 0 exactly "
-              f"(all tokens and live tokens); largest |ΔCE| {num(effect['delta_ce'].max())}, "
-              f"largest KL {num(effect['kl'].max())}.")
+    symbol = MODES[intervention].symbol
+    if not identity.get("rows"):
+        return Check(name, None, f"{symbol} = {identity['alpha']:g} is not in this run's sweep, so it was not "
+                                 "measured.")
+    rows, nonzero = identity["rows"], identity["rows_nonzero"]
+    detail = (f"At {symbol} = {identity['alpha']:g}, {rows - nonzero} of {rows} rows have ΔCE = 0 and KL = 0 exactly "
+              f"(all tokens and live tokens); largest |ΔCE| {num(identity['max_abs_delta_ce'])}, "
+              f"largest KL {num(identity['max_kl'])}.")
     return Check(name, nonzero == 0, detail)
 
 
-def kl_check(per_feature: pd.DataFrame) -> Check:
-    values = pd.concat([per_feature["kl"], per_feature["kl_live"]]).dropna()
-    below = int((values < -KL_TOLERANCE).sum())
+def kl_check(kl: dict[str, Any]) -> Check:
     detail = (f"KL cannot be negative; float rounding may leave an exact zero slightly below it. Smallest KL "
-              f"(all and live tokens, {len(values)} values): {num(values.min()) if len(values) else '–'}; "
-              f"{below} below the tolerance ${tex_num(-KL_TOLERANCE)}$.")
-    return Check("KL ≥ 0 (within tolerance)", below == 0, detail)
+              f"(all and live tokens, {kl['values']} values): {num(kl['min']) if kl['values'] else '–'}; "
+              f"{kl['below_tolerance']} below the tolerance ${tex_num(-kl['tolerance'])}$.")
+    return Check("KL ≥ 0 (within tolerance)", kl["below_tolerance"] == 0, detail)
 
 
-def nan_check(per_feature: pd.DataFrame) -> Check:
-    cols = [c for c in METRIC_COLUMNS if c in per_feature.columns]
-    values = per_feature[cols].apply(pd.to_numeric, errors="coerce")
-    bad = ~np.isfinite(values.to_numpy(dtype=float))
-    allowed = np.zeros_like(bad)
-    no_live = (per_feature["n_live"] == 0).to_numpy()
-    rules = nan_allowed(per_feature)
-    for j, col in enumerate(cols):
-        if col in rules:
-            allowed[:, j] = rules[col].to_numpy(dtype=bool)
-    unexpected = bad & ~(allowed & np.isnan(values.to_numpy(dtype=float)))  # inf is never allowed
-    n_bad = int(unexpected.sum())
-    detail = (f"{n_bad} non-finite values among {bad.size:,} measurements ({len(cols)} metric columns × "
-              f"{len(per_feature)} rows).")
-    if n_bad:
-        i, j = map(int, np.argwhere(unexpected)[0])
-        row = per_feature.iloc[i]
-        detail += f" First: `{cols[j]}` at layer {int(row['layer'])}, feature {int(row['feature'])}, α = {row['alpha']:g}."
-    n_no_live = int(no_live.sum())
-    if n_no_live:
-        detail += (f" {n_no_live} rows have no live position, so their live-token means are NaN by definition "
-                   "(never 0); those are not counted.")
-    detail += (" Intervals, tests and control columns are NaN, by definition, where they are undefined (fewer than "
-               "two documents, no live position, controls off).")
+def nan_check(nan: dict[str, Any]) -> Check:
+    n_bad = nan["unexpected"]
+    detail = (f"{n_bad} non-finite values among {nan['measurements']:,} measurements ({nan['columns']} metric columns "
+              f"× {nan['rows']} rows).")
+    if nan["first"]:
+        f = nan["first"]
+        detail += f" First: `{f['column']}` at layer {f['layer']}, feature {f['feature']}, α = {f['alpha']:g}."
+    if nan["no_live_rows"]:
+        detail += (f" {nan['no_live_rows']} rows have no live position, so their live-token means are NaN by "
+                   "definition (never 0); those are not counted.")
+    detail += (" Intervals, tests and control columns are NaN, by definition, where they are undefined (too few "
+               "documents, no live position, controls off).")
     return Check("No NaN or infinite metric", n_bad == 0, detail)
 
 
-def clean_ce_check(per_feature: pd.DataFrame) -> Check:
-    spread = float(per_feature["ce_clean"].max() - per_feature["ce_clean"].min())
-    ok = spread <= 1e-6 * max(1.0, abs(float(per_feature["ce_clean"].mean())))
+def clean_ce_check(clean: dict[str, Any]) -> Check:
     detail = (f"Every row measures against the same clean model and tokens, so clean CE must agree across "
-              f"layers and features: {num(per_feature['ce_clean'].mean(), 6)} nats, spread {num(spread)}.")
-    return Check("Clean cross-entropy is the same in every row", ok, detail)
+              f"layers and features: {num(clean['mean'], 6)} nats, spread {num(clean['spread'])}.")
+    return Check("Clean cross-entropy is the same in every row", clean["same"], detail)
 
 
 def sanity_checks(inputs: ReportInputs) -> list[Check]:
-    identity = inputs.summary.get("sanity", {}).get("identity_alpha")
-    pf = inputs.per_feature
-    return [identity_check(pf, identity, inputs.intervention), kl_check(pf), nan_check(pf), clean_ce_check(pf)]
+    """The checks aggregate computed (metrics/summary_details.json's `sanity`), worded."""
+    checks = inputs.details["sanity"]
+    return [identity_check(checks["identity"], inputs.intervention), kl_check(checks["kl"]),
+            nan_check(checks["nan"]), clean_ce_check(checks["clean_ce"])]
 
 
 def _toy_weights(inputs: ReportInputs) -> str | None:
@@ -114,7 +93,7 @@ def reading_paragraph(inputs: ReportInputs) -> str:
     first; a claim of an effect only where the study-wide adjusted test supports it)."""
     head = inputs.headline
     a = inputs.alpha
-    words = words_for(inputs.intervention)
+    words = MODES[inputs.intervention]
     ce_clean = float(head["ce_clean"].mean())
     n_passages = int(head["n_passages"].iloc[0])
     out: list[str] = []

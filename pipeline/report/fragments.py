@@ -12,9 +12,8 @@ from typing import Any
 
 import pandas as pd
 
-from pipeline import artifacts
-from pipeline.engine.resampling import MIN_INTERVAL_DOCS
-from pipeline.intervention_words import words_for
+from pipeline.core import artifacts
+from pipeline.core.modes import MODES
 from pipeline.report.findings import reading_paragraph, sanity_checks
 from pipeline.report.generation import generation_fragment
 from pipeline.report.inputs import ReportInputs
@@ -32,6 +31,7 @@ from pipeline.report.text import (
     token_list,
     visible_html,
 )
+from pipeline.stats.resampling import MIN_INTERVAL_DOCS
 
 FIGURE_DIR = "figures"  # under report/generated/
 TOKENS_SHOWN = 5  # promoted / suppressed tokens per feature in the table
@@ -53,7 +53,7 @@ FIGURE_CAPTIONS = {
 
 def figure_fragment(inputs: ReportInputs, key: str) -> str:
     """A markdown figure: no `#fig-` id, so Quarto adds no numbering that pandoc would lack."""
-    words = words_for(inputs.intervention)
+    words = MODES[inputs.intervention]
     caption = FIGURE_CAPTIONS[key].format(applied=words.applied(inputs.alpha), symbol=words.symbol,
                                           identity=words.identity_note, docs=int(inputs.headline["n_docs"].iloc[0]),
                                           min_docs=MIN_INTERVAL_DOCS)
@@ -69,7 +69,7 @@ def method_fragment(inputs: ReportInputs) -> str:
     top_k = max((len(token_list(c)) for c in head["top_promoted"]), default=0)
     sweep = ", ".join(f"{a:g}" for a in inputs.alphas)
     scored = f"{n_scored:,}".replace(",", "{,}")  # TeX: a comma as a digit separator, not punctuation
-    symbol = "\\alpha" if inputs.intervention == "scale" else "c"
+    symbol = MODES[inputs.intervention].symbol_tex
     text = (f"In this run: $N = {n}$ passages of $T = {t}$ tokens, so each feature is scored on "
             f"$N(T-2) = {scored}$ positions; $P = {inputs.live_percentile:g}$; "
             f"${symbol} \\in \\{{{sweep}\\}}$ with headline ${symbol} = {inputs.alpha:g}$; the top {top_k} promoted "
@@ -153,7 +153,7 @@ def features_fragment(inputs: ReportInputs) -> str:
             ]
             lines.append(f'<tr class="{"first" if i == 0 else "rest"}">' + "".join(cells) + "</tr>")
     lines.append("</tbody></table>")
-    words = words_for(inputs.intervention)
+    words = MODES[inputs.intervention]
     intro = (f"{len(head)} features in {head['layer'].nunique()} layers, each {words.applied(inputs.alpha)}. ΔCE and "
              f"KL are in nats, where the feature fires (live) and over all tokens, with the 95% interval from "
              f"resampling documents below (none from fewer than {MIN_INTERVAL_DOCS} documents); **bold** live ΔCE "
@@ -199,7 +199,7 @@ def _snippet_features(inputs: ReportInputs, layer: int) -> list[tuple[dict[str, 
 
 
 def snippets_fragment(inputs: ReportInputs) -> str:
-    words = words_for(inputs.intervention)
+    words = MODES[inputs.intervention]
     parts = [f"For each layer, the {SNIPPETS_PER_LAYER} features with the largest live KL when "
              f"{words.applied(inputs.alpha)}, each at "
              f"its strongest firing in the corpus: the firing token is highlighted, the token that actually came next "

@@ -16,14 +16,14 @@ from typing import Any
 
 import pandas as pd
 
-from pipeline import artifacts
-from pipeline.errors import UserError
+from pipeline.core import artifacts
+from pipeline.core.errors import UserError
+from pipeline.core.modes import MODES
 from pipeline.report.inputs import ReportInputs
 from pipeline.report.text import h, num, one_line, raw_html, visible_html
 
 GEN_FEATURES_SHOWN = 2  # features per layer with a table
 PROMPTS_SHOWN = 2  # the feature's own context, then the first neutral prompt
-SYMBOL = {"scale": "α", "clamp": "value", "add": "c"}
 
 
 def _load(inputs: ReportInputs) -> tuple[dict[str, Any], pd.DataFrame]:
@@ -128,7 +128,7 @@ def _figure(table: pd.DataFrame, layer: int, symbol: str, labels: dict[int, str]
 
 def generation_fragment(inputs: ReportInputs) -> str:
     gens, table = _load(inputs)
-    symbol = SYMBOL.get(gens["intervention"], "value")
+    symbol = MODES[gens["intervention"]].symbol
     alphas = [float(a) for a in gens["alphas"]]
     labels = {(int(r["layer"]), int(r["feature"])): (r["label"] if isinstance(r["label"], str) else "")
               for _, r in inputs.features.iterrows()}

@@ -19,11 +19,11 @@ from typing import Any
 
 import pandas as pd
 
-from pipeline import artifacts
-from pipeline.artifacts import ModelRecord
-from pipeline.config import Config
-from pipeline.errors import UserError
-from pipeline.io import read_json
+from pipeline.core import artifacts
+from pipeline.core.errors import UserError
+from pipeline.core.io import read_json
+from pipeline.params.config import Config
+from pipeline.plan.record import ModelRecord
 
 
 @dataclass(frozen=True)
@@ -36,6 +36,7 @@ class ReportInputs:
     features: pd.DataFrame  # data/features.csv, the studied layers only
     per_feature: pd.DataFrame  # metrics/per_feature_metrics.csv, every alpha
     summary: dict[str, Any]  # metrics/summary.json
+    details: dict[str, Any]  # metrics/summary_details.json: per layer, generation, sanity checks
     details: dict[int, dict[str, Any]]  # data/detail/layer_L.json
     runs: dict[str, dict[str, Any]]  # data/runs/<stage>.json, those that exist
     figures: dict[str, Path]  # "headline", "dce_vs_alpha", "kl_vs_alpha", "kl_heatmap" -> PNG
@@ -65,6 +66,7 @@ def load_inputs(config: Config) -> ReportInputs:
     features = artifacts.read_features()
     per_feature = artifacts.read_per_feature()
     summary = read_json(artifacts.need(artifacts.SUMMARY, "aggregate"))
+    details = read_json(artifacts.need(artifacts.SUMMARY_DETAILS, "aggregate"))
 
     have_layers = sorted(int(x) for x in per_feature["layer"].unique())
     if have_layers != sorted(config.layers):

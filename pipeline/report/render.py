@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from pipeline.errors import UserError
+from pipeline.core.errors import UserError
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ from collections import defaultdict
 from datetime import UTC, datetime
 from typing import Any
 
-from pipeline.intervention_words import words_for
+from pipeline.core.modes import MODES
 from pipeline.report.inputs import ReportInputs, dvc_description, git_revision
 from pipeline.report.text import h, integer, md, raw_html, seconds
 
@@ -184,7 +184,7 @@ def lead_fragment(inputs: ReportInputs) -> str:
     head = inputs.headline
     model = inputs.model.model
     n, t = inputs.tokens.get("tokens_shape", ["?", "?"])
-    words = words_for(inputs.intervention)
+    words = MODES[inputs.intervention]
     text = (f"Each of {len(head)} sparse-autoencoder features in {md(model.name)} "
             f"(layers {layer_span(inputs.layers)}, hook {md(inputs.model.hook)}) is {words.applied(inputs.alpha)} "
             f"(and the rest of the sweep) and the model's next-token loss is measured where the feature fires, on "

@@ -1,46 +1,34 @@
 """The report's statistics: the intervention and uncertainty method as this run used them, and the
 study-wide tests (does the loss move one way where the feature fires; does the feature's direction move the
 model unlike a random one; docs/statistics.md), every sentence filled from metrics/per_feature_metrics.csv and worded for the chosen
-intervention (pipeline.intervention_words)."""
+intervention (pipeline.core.modes)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pandas as pd
 
-from pipeline.engine.direction_test import required_spreads
-from pipeline.engine.resampling import EXACT_MAX_DOCS, FWER, MIN_INTERVAL_DOCS, N_BOOT, N_FAMILIES, N_FLIPS
-from pipeline.intervention_words import words_for
+from pipeline.core.modes import MODES
 from pipeline.report.inputs import ReportInputs
 from pipeline.report.text import h, num, pct, raw_html
-
-_FORMULAS = {
-    "scale": (r"x_t \;\longmapsto\; x_t + (\alpha - 1)\, a_i(x_t)\, W_\text{dec}[i]",
-              "This is the same as splicing the SAE into the model with its reconstruction error kept and "
-              "multiplying feature $i$'s activation by $\\alpha$: at $\\alpha = 1$ the model is exactly the clean "
-              "model, at $\\alpha = 0$ the feature is ablated."),
-    "clamp": (r"x_t \;\longmapsto\; x_t + (c - a_i(x_t))\, W_\text{dec}[i]",
-              "This sets feature $i$'s activation to $c$ at every position, with the SAE's reconstruction error "
-              "kept. No single $c$ is the clean model: each position's own clean activation would be."),
-    "add": (r"x_t \;\longmapsto\; x_t + c\, W_\text{dec}[i]",
-            "This pushes the residual stream by $c$ times the feature's decoder direction at every position, "
-            "whatever the feature's activation: $c = 0$ is the clean model."),
-}
+from pipeline.stats.random_directions import required_spreads
+from pipeline.stats.resampling import EXACT_MAX_DOCS, FWER, MIN_INTERVAL_DOCS, N_BOOT, N_FAMILIES, N_FLIPS
+from pipeline.stats.study import test_counts
 
 
 def intervention_fragment(inputs: ReportInputs) -> str:
-    formula, meaning = _FORMULAS[inputs.intervention]
+    mode = MODES[inputs.intervention]
     return (f"At the hook $h$ = `{inputs.model.hook}` of layer $L$, let $x_t$ be the residual stream at position $t$, "
             "$a_i(x_t)$ the activation of SAE feature $i$ computed by the SAE's encoder, and $W_\\text{dec}[i]$ the "
             f"feature's decoder direction. The `{inputs.intervention}` intervention replaces the residual stream at "
             "every position except the first (which holds BOS):\n\n"
-            f"$$\n{formula}, \\qquad t \\ge 1 .\n$$\n\n{meaning} The rest of the forward pass runs unchanged from the "
+            f"$$\n{mode.formula_tex}, \\qquad t \\ge 1 .\n$$\n\n{mode.meaning} The rest of the forward pass runs unchanged from the "
             "edited residual stream; each layer is intervened on by itself.\n")
 
 
 def statistics_method_fragment(inputs: ReportInputs) -> str:
     pf = inputs.per_feature
-    words = words_for(inputs.intervention)
+    words = MODES[inputs.intervention]
     n_docs = int(pf["n_docs"].iloc[0])
     n_passages = int(pf["n_passages"].iloc[0])
     draws = int(pf["ctrl_draws"].max()) if "ctrl_draws" in pf and pf["ctrl_draws"].notna().any() else 0
@@ -110,20 +98,10 @@ def _count_by_alpha(rows: pd.DataFrame, flag: str) -> str:
     return ", ".join(f"{a:g}: {int(r['sum'])} of {int(r['size'])}" for a, r in counts.iterrows())
 
 
-def test_counts(per_feature: pd.DataFrame) -> dict[str, int]:
-    """The loss tests split three ways that sum to the number of tests: significant (read first), too rare to
-    test (no outcome of its own test could pass Holm), not shown (the rest)."""
-    tests = per_feature[per_feature["p_adj_delta_ce_live"].notna()]
-    sig = tests["significant"].astype(bool)
-    rare = ~tests["testable"].astype(bool) & ~sig
-    return {"tests": len(tests), "significant": int(sig.sum()), "too_rare": int(rare.sum()),
-            "not_shown": int((~sig & ~rare).sum())}
-
-
 def tests_fragment(inputs: ReportInputs) -> str:
     """The tests over the whole study, per value of the sweep, then the headline rows in a table."""
     pf = inputs.per_feature
-    words = words_for(inputs.intervention)
+    words = MODES[inputs.intervention]
     tests = pf[pf["p_adj_delta_ce_live"].notna()]
     if tests.empty:
         return "No row of this run has a test (no live position at any value other than the identity).\n"
@@ -172,7 +150,7 @@ def _versus_random(r: pd.Series) -> str:
 
 def tests_table(inputs: ReportInputs) -> str:
     head = inputs.headline
-    words = words_for(inputs.intervention)
+    words = MODES[inputs.intervention]
     cols = ["Layer", "Feature", "Docs (live)", "ΔCE live [95% CI]", "Holm p", "Verdict", "KL live",
             "Random KL live [range]", "KL ratio to random", "Holm p (vs random)", "‖Δx‖/‖x‖", "Push (× max act)",
             "Live beyond ctx", "ΔCE live, t < ctx"]

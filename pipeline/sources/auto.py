@@ -24,11 +24,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from pipeline.core.errors import UserError
 from pipeline.engine.forward import FeatureEncoder, residual_at
-from pipeline.errors import UserError
-from pipeline.hooks import LayerPlan
+from pipeline.load.tokenizer import Tokenizer, quote_token
+from pipeline.plan.layers import LayerPlan
 from pipeline.sources.selection import FeatureChoice
-from pipeline.tokenizer import Tokenizer, quote_token
 
 
 @torch.inference_mode()

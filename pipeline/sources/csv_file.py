@@ -12,8 +12,8 @@ import csv
 import math
 from pathlib import Path
 
-from pipeline import artifacts
-from pipeline.errors import UserError
+from pipeline.core import artifacts
+from pipeline.core.errors import UserError
 from pipeline.sources.selection import FeatureChoice
 
 REQUIRED = ("layer", "feature")

@@ -29,11 +29,11 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import artifacts
-from pipeline.artifacts import ModelRecord
-from pipeline.config import Config
-from pipeline.errors import UserError
-from pipeline.hooks import LayerPlan
+from pipeline.core import artifacts
+from pipeline.core.errors import UserError
+from pipeline.params.config import Config
+from pipeline.plan.layers import LayerPlan
+from pipeline.plan.record import ModelRecord
 from pipeline.sources.neuronpedia_client import NeuronpediaClient, NeuronpediaFeature, split_neuronpedia_id
 from pipeline.sources.selection import FeatureChoice
 

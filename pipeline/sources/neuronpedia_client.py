@@ -32,9 +32,9 @@ from typing import Any
 
 import requests
 
-from pipeline import artifacts
-from pipeline.errors import UserError
-from pipeline.io import write_text
+from pipeline.core import artifacts
+from pipeline.core.errors import UserError
+from pipeline.core.io import write_text
 
 API_URL_ENV = "NEURONPEDIA_API_URL"
 DEFAULT_API_URL = "https://www.neuronpedia.org"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
-from pipeline.artifacts import FEATURE_COLUMNS
+from pipeline.core.columns import FEATURE_COLUMNS
 
 
 @dataclass(frozen=True)

@@ -1,14 +1,14 @@
 """Stage `aggregate`: per-layer tables -> the study's tables and DVC metrics.
 
-- metrics/per_feature_metrics.csv: one row per (layer, feature, alpha), with the feature's label,
-  source and Neuronpedia link joined in, and the study-wide tests (docs/statistics.md): Holm-adjusted
-  p-values over every (layer, feature, alpha other than the identity) with a test, one family per
-  question (`p_adj_delta_ce_live`, `p_adj_vs_random`), whether any outcome of a row's own test could make
-  it significant (`testable`), and the verdicts at FWER 0.05 per family (`significant`,
-  `more_than_random`, `less_than_random`);
-- metrics/per_layer_summary.csv: per (layer, alpha), mean / std / min / max over the features;
-- metrics/summary.json: small, headline numbers at `alpha` plus sanity counts, for
-  `dvc metrics diff`.
+- metrics/per_feature_metrics.csv: one row per (layer, feature, alpha), every column of
+  pipeline.core.columns.PER_FEATURE: the layer tables, the feature's label, source and Neuronpedia link,
+  and the study-wide verdicts of pipeline.stats.study (docs/statistics.md);
+- metrics/per_layer_summary.csv: per (layer, alpha), the aggregates of pipeline.core.columns.PER_LAYER;
+- metrics/summary.json: the headline at `alpha` (the columns the schema marks `headline`, the largest KL, the
+  test counts, three sanity counts): small, so `dvc exp show` fits a screen and `dvc metrics diff` compares it;
+- metrics/summary_details.json: what summary.json leaves out: the headline per layer, steered generation's
+  measures per value, and the sanity checks with the numbers the report states
+  (`dvc metrics diff --targets metrics/summary_details.json`).
 Only the layers in params `layers` are read, so files left from a run with other layers never
 leak in; a per-layer file whose alphas differ from the current sweep is refused as stale.
 """
@@ -21,18 +21,22 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pipeline import artifacts
-from pipeline.config import Config
-from pipeline.engine.identity import INTERVENTION_IDENTITY
-from pipeline.engine.inference import INFERENCE_COLUMNS, nan_allowed
-from pipeline.engine.resampling import FWER, N_FAMILIES, holm, holm_reachable
-from pipeline.errors import UserError
-from pipeline.io import write_csv, write_json
-from pipeline.runinfo import stage_record
-from pipeline.stage_params import StageParams
+from pipeline.core import artifacts, columns
+from pipeline.core.columns import GENERATION_HEADLINE, HEADLINE, METRIC_COLUMNS, PER_FEATURE, PER_LAYER
+from pipeline.core.errors import UserError
+from pipeline.core.io import write_csv, write_json
+from pipeline.core.modes import MODES
+from pipeline.core.runinfo import stage_record
+from pipeline.params.config import Config
+from pipeline.params.stage_params import StageParams
+from pipeline.stats.nan_rules import nan_allowed
+from pipeline.stats.resampling import FWER, N_FAMILIES
+from pipeline.stats.study import add_study_tests, test_counts
 
-# The params this stage reads (its dvc.yaml params; tests/test_stage_deps.py checks they agree).
+# The params this stage reads (its dvc.yaml params; tests/contracts/test_stage_deps.py checks they agree).
 PARAMS = ("layers", "alpha", "alpha_sweep", "intervention")
+# A KL recomputed from float32 logits can come out at about -1e-9 where it is exactly 0.
+KL_TOLERANCE = 1e-6
 
 
 def load_layer_tables(config: Config) -> pd.DataFrame:
@@ -52,153 +56,122 @@ def load_layer_tables(config: Config) -> pd.DataFrame:
 
 def per_feature_table(config: Config) -> pd.DataFrame:
     metrics = load_layer_tables(config)
-    features = artifacts.read_features(config.layers).rename(columns={"density": "source_density", "max_act": "source_max_act"})
-    keep = ["layer", "feature", "label", "source", "source_density", "source_max_act", "neuronpedia_url",
-            "np_pos_tokens", "np_neg_tokens"]
-    merged = metrics.merge(features[keep], on=["layer", "feature"], how="left", validate="many_to_one")
+    features = artifacts.read_features(config.layers).rename(columns={"density": "source_density",
+                                                                       "max_act": "source_max_act"})
+    joined = ["layer", "feature", *(c.name for c in PER_FEATURE if c.table == "features")]
+    merged = metrics.merge(features[joined], on=["layer", "feature"], how="left", validate="many_to_one")
     unlabeled = merged[merged["source"].isna()]
     if len(unlabeled):
         row = unlabeled.iloc[0]
         raise UserError(f"layer {row['layer']} feature {row['feature']} has metrics but is not in "
                         f"{artifacts.FEATURES}; rerun intervene@{row['layer']}")
     merged["is_headline"] = merged["alpha"] == config.alpha
-    merged = add_study_tests(merged, INTERVENTION_IDENTITY[config.intervention])
-    return merged[artifacts.PER_FEATURE_COLUMNS].sort_values(["layer", "feature", "alpha"], kind="stable")
-
-
-def add_study_tests(frame: pd.DataFrame, identity: float | None) -> pd.DataFrame:
-    """Holm-adjusted p-values across the whole study, one family per question (does the loss move one way where
-    the feature fires; does the feature's direction move the model unlike a random one), each over the rows
-    that are a test: a value other than the intervention's identity, with a p-value. `significant` is read
-    first; a row is `testable` unless no outcome of its own sign-flip test (its p at its floor `min_p`, every
-    other p as observed) could pass Holm, so significant + too rare + not shown = the tests."""
-    out = frame.copy()
-    is_test_row = out["alpha"] != identity if identity is not None else pd.Series(True, index=out.index)
-    p = out["p_delta_ce_live"].where(is_test_row)
-    out["p_adj_delta_ce_live"] = holm(p.to_numpy())
-    out["significant"] = out["p_adj_delta_ce_live"] <= FWER
-    out["testable"] = holm_reachable(p.to_numpy(), out["min_p_delta_ce_live"].to_numpy())
-    p_random = out["p_vs_random"].where(is_test_row)
-    out["p_adj_vs_random"] = holm(p_random.to_numpy())
-    beyond = out["p_adj_vs_random"] <= FWER
-    out["more_than_random"] = beyond & (out["kl_ratio_random"] > 1)
-    out["less_than_random"] = beyond & (out["kl_ratio_random"] < 1)
-    return out
+    merged = add_study_tests(merged, MODES[config.intervention].identity)
+    return merged[list(columns.PER_FEATURE_COLUMNS)].sort_values(["layer", "feature", "alpha"], kind="stable")
 
 
 def per_layer_table(per_feature: pd.DataFrame) -> pd.DataFrame:
     grouped = per_feature.groupby(["layer", "alpha"], sort=True)
-    out = grouped.agg(
-        n_features=("feature", "nunique"),
-        ce_clean=("ce_clean", "mean"),
-        delta_ce_mean=("delta_ce", "mean"),
-        delta_ce_std=("delta_ce", "std"),
-        delta_ce_min=("delta_ce", "min"),
-        delta_ce_max=("delta_ce", "max"),
-        kl_mean=("kl", "mean"),
-        kl_std=("kl", "std"),
-        kl_min=("kl", "min"),
-        kl_max=("kl", "max"),
-        delta_ce_live_mean=("delta_ce_live", "mean"),
-        kl_live_mean=("kl_live", "mean"),
-        ctrl_kl_live_mean=("ctrl_kl_live", "mean"),
-        kl_ratio_random_median=("kl_ratio_random", "median"),
-        n_significant=("significant", "sum"),
-        n_more_than_random=("more_than_random", "sum"),
-        n_less_than_random=("less_than_random", "sum"),
-        frac_live_mean=("frac_live", "mean"),
-    )
+    out = grouped.agg(**{a.name: (a.of, a.how) for a in PER_LAYER})
     return out.reset_index()
 
 
-METRIC_COLUMNS = ["ce_clean", "ce_int", "delta_ce", "delta_ce_se", "kl", "kl_se", *INFERENCE_COLUMNS, "live_threshold",
-                  "n_live",
-                  "frac_live", "mean_act_live", "delta_ce_live", "kl_live", "density", "max_act"]
+def _r(x: Any) -> float | None:
+    """A JSON number with six significant digits, or null for NaN."""
+    return None if x is None or (isinstance(x, float) and math.isnan(x)) else float(f"{float(x):.6g}")
 
 
 def sanity(per_feature: pd.DataFrame, identity: float | None) -> dict[str, Any]:
-    """Checks computed from the data: they belong in the report next to the numbers.
+    """The study's sanity checks, computed from the data once; the report states them (pipeline.report.findings).
 
-    NaN is allowed only where a column's definition makes it so (pipeline.engine.inference.nan_allowed, the
-    rule intervene checks too); anything else is counted as unexpected."""
-    metrics = per_feature[[c for c in METRIC_COLUMNS if c in per_feature]]
-    rules = nan_allowed(per_feature)
-    allowed = pd.DataFrame({c: rules[c] if c in rules else False for c in metrics.columns}, index=metrics.index)
-    no_live = per_feature["n_live"] == 0
-    out: dict[str, Any] = {
-        "nan_values": int((metrics.isna() & ~allowed).to_numpy().sum()),
-        "nan_live_rows": int(no_live.sum()),
-        "kl_min": float(per_feature["kl"].min()),
-        "kl_negative_rows": int((per_feature["kl"] < -artifacts.KL_TOLERANCE).sum()),
-    }
+    - identity: at the value that leaves the model untouched, every row's ΔCE and KL (all and live) is 0;
+    - kl: no KL below -KL_TOLERANCE (all-position and live);
+    - nan: no NaN in a metric column except where pipeline.stats.nan_rules allows it, and no infinity;
+    - clean_ce: every row measures against the same clean model and tokens."""
+    pf = per_feature
+    out: dict[str, Any] = {"identity": {"alpha": identity}}
     if identity is not None:
-        ident = per_feature[per_feature["alpha"] == identity]
-        nonzero = (ident["delta_ce"] != 0) | (ident["kl"] != 0)
-        out["identity_alpha"] = identity
-        out["identity_rows"] = int(len(ident))
-        out["identity_rows_nonzero"] = int(nonzero.sum())
+        rows = pf[pf["alpha"] == identity]
+        effect = rows[["delta_ce", "kl", "delta_ce_live", "kl_live"]].abs()
+        out["identity"] |= {"rows": int(len(rows)), "rows_nonzero": int((effect.fillna(0) != 0).any(axis=1).sum()),
+                            "max_abs_delta_ce": _r(effect["delta_ce"].max()) if len(rows) else None,
+                            "max_kl": _r(effect["kl"].max()) if len(rows) else None}
+    kls = pd.concat([pf["kl"], pf["kl_live"]]).dropna()
+    out["kl"] = {"values": int(len(kls)), "min": _r(kls.min()) if len(kls) else None,
+                 "below_tolerance": int((kls < -KL_TOLERANCE).sum()), "tolerance": KL_TOLERANCE}
+    cols = [c for c in METRIC_COLUMNS if c in pf.columns]
+    values = pf[cols].apply(pd.to_numeric, errors="coerce").to_numpy(dtype=float)
+    rules = nan_allowed(pf)
+    allowed = np.column_stack([rules[c].to_numpy(dtype=bool) if c in rules else np.zeros(len(pf), bool)
+                               for c in cols]) if cols else np.zeros((len(pf), 0), bool)
+    unexpected = ~np.isfinite(values) & ~(allowed & np.isnan(values))  # an infinity is never allowed
+    first = None
+    if unexpected.any():
+        i, j = map(int, np.argwhere(unexpected)[0])
+        row = pf.iloc[i]
+        first = {"column": cols[j], "layer": int(row["layer"]), "feature": int(row["feature"]),
+                 "alpha": float(row["alpha"])}
+    out["nan"] = {"unexpected": int(unexpected.sum()), "measurements": int(values.size), "columns": len(cols),
+                  "rows": int(len(pf)), "first": first, "no_live_rows": int((pf["n_live"] == 0).sum())}
+    spread = float(pf["ce_clean"].max() - pf["ce_clean"].min()) if len(pf) else 0.0
+    mean = float(pf["ce_clean"].mean()) if len(pf) else math.nan
+    out["clean_ce"] = {"mean": _r(mean), "spread": _r(spread),
+                       "same": bool(spread <= 1e-6 * max(1.0, abs(mean))) if len(pf) else True}
     return out
 
 
-def summary(per_feature: pd.DataFrame, config: Config, identity: float | None) -> dict[str, Any]:
-    """The headline at `alpha`: effects where the feature fires (live positions) first, the all-token means
-    beside them, and the study-wide test counts (every alpha), for `dvc metrics diff`."""
+def _strongest(head: pd.DataFrame, column: str) -> dict[str, Any]:
+    rows = head[head[column].notna()]
+    if not len(rows):
+        return {"layer": None, "feature": None, column: None}
+    row = rows.loc[rows[column].idxmax()]
+    return {"layer": int(row["layer"]), "feature": int(row["feature"]), column: _r(row[column])}
+
+
+def _headline(rows: pd.DataFrame) -> dict[str, float | None]:
+    """The schema's headline columns over `rows`, each by its own aggregate (mean or median)."""
+    return {f"{c.headline}_{c.name}": _r(getattr(rows[c.name], c.headline)()) for c in HEADLINE}
+
+
+def summary(per_feature: pd.DataFrame, config: Config, checks: dict[str, Any]) -> dict[str, Any]:
+    """metrics/summary.json: the headline at `alpha` (effects where the feature fires first, the all-token means
+    beside them), the study-wide test counts (every alpha) and the sanity counts, for `dvc metrics diff`."""
     head = per_feature[per_feature["alpha"] == config.alpha]
-
-    def r(x: float) -> float | None:
-        return None if x is None or (isinstance(x, float) and math.isnan(x)) else float(f"{float(x):.6g}")
-
-    def strongest(column: str) -> dict[str, Any]:
-        rows = head[head[column].notna()]
-        if not len(rows):
-            return {"layer": None, "feature": None, column: None}
-        row = rows.loc[rows[column].idxmax()]
-        return {"layer": int(row["layer"]), "feature": int(row["feature"]), column: r(row[column])}
-
-    per_layer = {
-        f"layer_{int(layer)}": {"delta_ce_live": r(g["delta_ce_live"].mean()), "kl_live": r(g["kl_live"].mean()),
-                                "delta_ce": r(g["delta_ce"].mean()), "kl": r(g["kl"].mean())}
-        for layer, g in head.groupby("layer")
-    }
-    tests = per_feature[per_feature["p_adj_delta_ce_live"].notna()]
-    versus = per_feature[per_feature["p_adj_vs_random"].notna()]
+    counts = test_counts(per_feature)
     return {
         "alpha": config.alpha,
         "intervention": config.intervention,
         "n_layers": int(head["layer"].nunique()),
         "n_features": int(len(head)),
-        "mean_delta_ce_live": r(head["delta_ce_live"].mean()),
-        "mean_kl_live": r(head["kl_live"].mean()),
-        "mean_ctrl_kl_live": r(head["ctrl_kl_live"].mean()),
-        "median_kl_ratio_random": r(head["kl_ratio_random"].median()),
-        "mean_delta_ce": r(head["delta_ce"].mean()),
-        "mean_kl": r(head["kl"].mean()),
-        "max_kl_live": strongest("kl_live"),
-        "max_kl": strongest("kl"),
+        **_headline(head),
+        "max_kl_live": _strongest(head, "kl_live"),
+        "max_kl": _strongest(head, "kl"),
         "tests": {
             "method": "sign-flip by document (null: symmetric about 0), Holm-adjusted across the study",
             "fwer": FWER,
             "fwer_study": N_FAMILIES * FWER,
-            "n_tests": int(len(tests)),
-            "n_significant": int(tests["significant"].sum()),
-            "n_too_rare": int((~tests["testable"].astype(bool)).sum()),
-            "n_not_shown": int((tests["testable"].astype(bool) & ~tests["significant"].astype(bool)).sum()),
+            "n_tests": counts["tests"],
+            "n_significant": counts["significant"],
+            "n_too_rare": counts["too_rare"],
+            "n_not_shown": counts["not_shown"],
             "random_method": "t on log live KL against the draws, K - 1 df, Holm-adjusted across the study",
-            "n_random_tests": int(len(versus)),
-            "n_more_than_random": int(versus["more_than_random"].sum()),
-            "n_less_than_random": int(versus["less_than_random"].sum()),
+            "n_random_tests": counts["random_tests"],
+            "n_more_than_random": counts["more_than_random"],
+            "n_less_than_random": counts["less_than_random"],
         },
-        "per_layer": per_layer,
-        "sanity": sanity(per_feature, identity),
+        "sanity": {"nan_values": checks["nan"]["unexpected"], "kl_negative_rows": checks["kl"]["below_tolerance"],
+                   "identity_rows_nonzero": checks["identity"].get("rows_nonzero")},
     }
 
 
-GENERATION_HEADLINE = ("concept_act", "concept_act_clean", "loss", "loss_clean", "distinct_2", "distinct_2_clean",
-                       "promoted_frac", "promoted_frac_clean", "frac_changed")
+def per_layer_headline(per_feature: pd.DataFrame, alpha: float) -> dict[str, dict[str, float | None]]:
+    """summary_details.json's `per_layer`: the headline columns within each layer at `alpha`."""
+    head = per_feature[per_feature["alpha"] == alpha]
+    return {f"layer_{int(layer)}": _headline(g) for layer, g in head.groupby("layer")}
 
 
 def generation_summary(layers: tuple[int, ...]) -> dict[str, Any]:
-    """summary.json's `generation`: per value of generate_alphas, the sampled continuations' measures
+    """summary_details.json's `generation`: per value of generate_alphas, the sampled continuations' measures
     (metrics/generation.csv, stage generate) averaged over every layer and feature."""
     table = artifacts.read_generation_metrics()
     if sorted(table["layer"].unique().tolist()) != sorted(layers):
@@ -217,9 +190,12 @@ def run_aggregate_stage(config: Config | StageParams) -> dict[str, Any]:
     with stage_record("aggregate"):
         per_feature = per_feature_table(config)
         per_layer = per_layer_table(per_feature)
-        result = summary(per_feature, config, INTERVENTION_IDENTITY[config.intervention])
-        result["generation"] = generation_summary(config.layers)
+        checks = sanity(per_feature, MODES[config.intervention].identity)
+        result = summary(per_feature, config, checks)
+        details = {"per_layer": per_layer_headline(per_feature, config.alpha),
+                   "generation": generation_summary(config.layers), "sanity": checks}
         artifacts.write_per_feature(per_feature)
         write_csv(artifacts.PER_LAYER, per_layer)
+        write_json(artifacts.SUMMARY_DETAILS, details)
         write_json(artifacts.SUMMARY, result)
     return result

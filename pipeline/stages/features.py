@@ -9,18 +9,18 @@ from __future__ import annotations
 
 import pandas as pd
 
-from pipeline import artifacts
-from pipeline.artifacts import ModelRecord
-from pipeline.checks import check_features_per_layer
-from pipeline.config import Config
-from pipeline.errors import UserError
-from pipeline.loading import load_study_model, load_study_sae, resolve_device
-from pipeline.runinfo import device_description, stage_record
+from pipeline.core import artifacts, columns
+from pipeline.core.errors import UserError
+from pipeline.core.runinfo import device_description, stage_record
+from pipeline.load import load_model, load_sae, load_tokenizer
+from pipeline.params.config import Config
+from pipeline.params.device import resolve_device
+from pipeline.params.limits import check_features_per_layer
+from pipeline.params.stage_params import StageParams
+from pipeline.plan.record import ModelRecord
 from pipeline.sources.selection import FeatureChoice
-from pipeline.stage_params import StageParams
-from pipeline.tokenizer import study_tokenizer
 
-# The params this stage reads (its dvc.yaml params; tests/test_stage_deps.py checks they agree).
+# The params this stage reads (its dvc.yaml params; tests/contracts/test_stage_deps.py checks they agree).
 PARAMS = ("preset", "feature_source", "features_csv", "features_per_layer", "layers", "seed", "min_density",
           "max_density", "neuronpedia_max_fetch", "batch_size", "device", "dtype")
 
@@ -48,10 +48,10 @@ def select_features(config: Config, model_record: ModelRecord) -> list[FeatureCh
 
     tokens = artifacts.read_tokens()
     device = resolve_device(config.device)
-    model = load_study_model(model_record, device, config.dtype)
+    model = load_model(model_record, device, config.dtype)
     plans = {layer: model_record.layer(layer).plan() for layer in config.layers}
-    saes = {layer: load_study_sae(model_record, layer, device, config.dtype) for layer in config.layers}
-    return choose_auto(model, saes, plans, tokens, study_tokenizer(model_record), config.features_per_layer,
+    saes = {layer: load_sae(model_record, layer, device, config.dtype) for layer in config.layers}
+    return choose_auto(model, saes, plans, tokens, load_tokenizer(model_record), config.features_per_layer,
                        config.min_density, config.max_density, config.batch_size)
 
 
@@ -74,6 +74,6 @@ def run_features_stage(config: Config | StageParams) -> pd.DataFrame:
     with stage_record("features", source=config.feature_source) as record:
         record["device"] = device_description(resolve_device(config.device))
         choices = select_features(config, model_record)
-        frame = pd.DataFrame([c.row() for c in choices], columns=list(artifacts.FEATURE_COLUMNS))
+        frame = pd.DataFrame([c.row() for c in choices], columns=list(columns.FEATURE_COLUMNS))
         artifacts.write_features(frame)
     return frame

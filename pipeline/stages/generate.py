@@ -23,22 +23,23 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from pipeline import artifacts
-from pipeline.artifacts import ModelRecord
-from pipeline.config import Config
+from pipeline.core import artifacts, columns
+from pipeline.core.errors import UserError
+from pipeline.core.io import write_json
+from pipeline.core.runinfo import device_description, stage_record
 from pipeline.engine.forward import FeatureEncoder, residual_at
 from pipeline.engine.generate import Rows, clean_readout, generate
 from pipeline.engine.generation_metrics import per_row, summary_row
 from pipeline.engine.interventions import INTERVENTIONS
 from pipeline.engine.snippets import CONTEXT_CHARS_BEFORE, direct_logit_effect, top_contexts
-from pipeline.errors import UserError
-from pipeline.io import write_json
-from pipeline.loading import load_study_model, load_study_sae, resolve_device
-from pipeline.runinfo import device_description, stage_record
-from pipeline.stage_params import StageParams
-from pipeline.tokenizer import Tokenizer, study_tokenizer
+from pipeline.load import load_model, load_sae, load_tokenizer
+from pipeline.load.tokenizer import Tokenizer
+from pipeline.params.config import Config
+from pipeline.params.device import resolve_device
+from pipeline.params.stage_params import StageParams
+from pipeline.plan.record import ModelRecord
 
-# The params this stage reads (its dvc.yaml params; tests/test_stage_deps.py checks they agree).
+# The params this stage reads (its dvc.yaml params; tests/contracts/test_stage_deps.py checks they agree).
 # alpha_sweep and intervention: a null generate_alphas is the sweep (as written) minus the identity.
 PARAMS = ("layers", "generate_alphas", "alpha_sweep", "intervention", "generate_tokens", "generate_temperature",
           "generate_prompts", "generate_batch_size", "top_k_tokens", "seed", "batch_size", "device", "dtype")
@@ -178,23 +179,23 @@ def run_generate_stage(config: Config | StageParams) -> pd.DataFrame:
     tokens = artifacts.read_tokens()
 
     with stage_record("generate", layers=list(config.layers)) as record:
-        tokenizer = study_tokenizer(model_record)
+        tokenizer = load_tokenizer(model_record)
         neutral = prompt_ids(config, tokenizer, model_record.model.n_ctx)  # refused before anything loads
         device = resolve_device(config.device)
         record["device"] = device_description(device)
-        model = load_study_model(model_record, device, config.dtype)
+        model = load_model(model_record, device, config.dtype, hooks=True)
         tables, details = [], []
         with tqdm(desc="generate", unit="row", disable=None, leave=False) as bar:
             for plan in plans:
                 layer_features = features[features["layer"] == plan.layer]["feature"].astype(int).tolist()
                 if not layer_features:
                     raise UserError(f"{artifacts.FEATURES} has no features for layer {plan.layer}; rerun the features stage")
-                sae = load_study_sae(model_record, plan.layer, device, config.dtype)
+                sae = load_sae(model_record, plan.layer, device, config.dtype)
                 table, detail = run_layer_generation(model, sae, plan, layer_features, tokens, neutral, config,
                                                      tokenizer, bar)
                 tables += table
                 details.append(detail)
-        frame = pd.DataFrame(tables)[artifacts.GENERATION_COLUMNS]
+        frame = pd.DataFrame(tables)[list(columns.GENERATION_COLUMNS)]
         n_rows = sum(len(d["rows"]) for d in details)
         record["continuations"] = n_rows
         record["tokens_generated"] = n_rows * config.generate_tokens

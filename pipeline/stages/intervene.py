@@ -2,7 +2,7 @@
 
 Writes metrics/layers/layer_L.csv (one row per feature x alpha, every metric of
 pipeline.engine.metrics and the intervals, tests, controls, dose and context columns of
-pipeline.engine.inference) and data/detail/layer_L.json (per feature: top promoted/suppressed
+pipeline.stats.rows) and data/detail/layer_L.json (per feature: top promoted/suppressed
 tokens per alpha, the direct logit effect, and snippets: top-activating contexts with clean vs
 intervened predictions at `alpha`). A NaN or infinite metric that the definitions do not allow
 stops the stage before anything is written.
@@ -19,30 +19,31 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from pipeline import artifacts
-from pipeline.artifacts import ModelRecord
-from pipeline.config import Config
+from pipeline.core import artifacts
+from pipeline.core.errors import NonFiniteMetricError, UserError
+from pipeline.core.io import write_csv, write_json
+from pipeline.core.runinfo import device_description, stage_record
 from pipeline.engine.controls import random_unit_directions
 from pipeline.engine.forward import FeatureEncoder
-from pipeline.engine.inference import nan_allowed, row_inference
 from pipeline.engine.interventions import INTERVENTIONS, Intervention
 from pipeline.engine.metrics import density, max_activation, top_tokens, variant_metrics
-from pipeline.engine.resampling import Resampler
 from pipeline.engine.run import LayerResult, run_layer
 from pipeline.engine.snippets import direct_logit_effect, feature_snippets
-from pipeline.errors import NonFiniteMetricError, UserError
-from pipeline.io import write_csv, write_json
-from pipeline.loading import load_study_model_fast, load_study_sae_fast, resolve_device
-from pipeline.runinfo import device_description, stage_record
-from pipeline.stage_params import StageParams
-from pipeline.tokenizer import study_tokenizer
+from pipeline.load import load_model, load_sae, load_tokenizer
+from pipeline.params.config import Config
+from pipeline.params.device import resolve_device
+from pipeline.params.stage_params import StageParams
+from pipeline.plan.record import ModelRecord
+from pipeline.stats.nan_rules import nan_allowed
+from pipeline.stats.resampling import Resampler
+from pipeline.stats.rows import row_statistics
 
-# The params this stage reads (its dvc.yaml params; tests/test_stage_deps.py checks they agree).
+# The params this stage reads (its dvc.yaml params; tests/contracts/test_stage_deps.py checks they agree).
 PARAMS = ("alpha", "alpha_sweep", "intervention", "live_percentile", "top_k_tokens", "n_snippets", "control_draws",
           "seed", "batch_size", "device", "dtype")
 
 def check_finite(rows: list[dict[str, Any]]) -> None:
-    """No metric may be infinite, or NaN except where its definition makes it so (inference.nan_allowed)."""
+    """No metric may be infinite, or NaN except where its definition makes it so (pipeline.stats.nan_rules)."""
     frame = pd.DataFrame(rows)
     allowed = nan_allowed(frame)
     for i, row in enumerate(rows):
@@ -75,7 +76,7 @@ def layer_rows(result: LayerResult, layer: int, config: Config, tokenizer, rs: R
             promoted, suppressed = top_tokens(mean_delta, config.top_k_tokens) if changed else ([], [])
             coef = intervention.coefficient(torch.from_numpy(result.acts[:, :, fi]).double(), value).numpy()[:, 1:-1]
             has_ctrl = result.ctrl_kl.shape[2] > 0
-            stats = row_inference(
+            stats = row_statistics(
                 rs, ce_clean=result.ce_clean, ce_int=result.ce_int[fi, ai], kl=result.kl[fi, ai],
                 live=result.live[fi].mask, acts=scored,
                 ctrl_ce_int=result.ctrl_ce_int[fi, ai] if has_ctrl else None,
@@ -122,9 +123,9 @@ def run_intervene_stage(config: Config | StageParams, layer: int) -> pd.DataFram
     with stage_record(f"intervene_{layer}", layer=layer) as record:
         device = resolve_device(config.device)
         record["device"] = device_description(device)
-        model = load_study_model_fast(model_record, device, config.dtype)
-        sae = load_study_sae_fast(model_record, layer, device, config.dtype)
-        tokenizer = study_tokenizer(model_record)
+        model = load_model(model_record, device, config.dtype)
+        sae = load_sae(model_record, layer, device, config.dtype)
+        tokenizer = load_tokenizer(model_record)
         encoder = FeatureEncoder(sae, features)
         controls = random_unit_directions(config.seed, layer, features, config.control_draws,
                                           encoder.directions.shape[-1])

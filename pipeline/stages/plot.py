@@ -11,7 +11,7 @@ the CSVs beside them.
   the controls' dashed (data: plots/alpha_sweep.csv);
 - plots/kl_heatmap.png: live KL at the headline alpha, layer x feature, with each feature's
   KL ratio to random directions (its live KL over the geometric mean of its controls') (data: plots/kl_heatmap.csv).
-Axis labels and titles follow the intervention (pipeline.intervention_words).
+Axis labels and titles follow the intervention (pipeline.core.modes).
 Only plot settings and the metrics tables are read: changing a plot setting re-runs no forward pass.
 """
 
@@ -26,16 +26,16 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from pipeline import artifacts  # noqa: E402
-from pipeline.config import Config  # noqa: E402
-from pipeline.engine.resampling import MIN_INTERVAL_DOCS  # noqa: E402
-from pipeline.errors import UserError  # noqa: E402
-from pipeline.intervention_words import InterventionWords, words_for  # noqa: E402
-from pipeline.io import atomic_path, write_csv  # noqa: E402
-from pipeline.runinfo import stage_record  # noqa: E402
-from pipeline.stage_params import StageParams  # noqa: E402
+from pipeline.core import artifacts  # noqa: E402
+from pipeline.core.errors import UserError  # noqa: E402
+from pipeline.core.io import atomic_path, write_csv  # noqa: E402
+from pipeline.core.modes import MODES, Mode  # noqa: E402
+from pipeline.core.runinfo import stage_record  # noqa: E402
+from pipeline.params.config import Config  # noqa: E402
+from pipeline.params.stage_params import StageParams  # noqa: E402
+from pipeline.stats.resampling import MIN_INTERVAL_DOCS  # noqa: E402
 
-# The params this stage reads (its dvc.yaml params; tests/test_stage_deps.py checks they agree).
+# The params this stage reads (its dvc.yaml params; tests/contracts/test_stage_deps.py checks they agree).
 PARAMS = ("alpha", "intervention", "plot_dpi")
 
 
@@ -57,7 +57,7 @@ LAYER_DCE_COLUMNS = ["layer", "feature", "label", "delta_ce_live", "delta_ce_liv
                      "ctrl_delta_ce_live", "significant", "delta_ce", "delta_ce_se", "kl", "kl_se", "kl_live"]
 
 
-def layer_dce_figure(per_feature: pd.DataFrame, alpha: float, dpi: int, words: InterventionWords) -> pd.DataFrame:
+def layer_dce_figure(per_feature: pd.DataFrame, alpha: float, dpi: int, words: Mode) -> pd.DataFrame:
     head = per_feature[per_feature["alpha"] == alpha].sort_values(["layer", "feature"])
     data = head[LAYER_DCE_COLUMNS].copy()
     fig, ax = plt.subplots()
@@ -89,7 +89,7 @@ def layer_dce_figure(per_feature: pd.DataFrame, alpha: float, dpi: int, words: I
     return data
 
 
-def sweep_figures(per_feature: pd.DataFrame, dpi: int, words: InterventionWords) -> pd.DataFrame:
+def sweep_figures(per_feature: pd.DataFrame, dpi: int, words: Mode) -> pd.DataFrame:
     sweep = (per_feature.groupby(["layer", "alpha"])[["delta_ce_live", "kl_live", "ctrl_delta_ce_live", "ctrl_kl_live",
                                                       "delta_ce", "kl"]]
              .mean().reset_index().sort_values(["layer", "alpha"]))
@@ -114,7 +114,7 @@ def sweep_figures(per_feature: pd.DataFrame, dpi: int, words: InterventionWords)
     return sweep
 
 
-def kl_heatmap(per_feature: pd.DataFrame, alpha: float, dpi: int, words: InterventionWords) -> pd.DataFrame:
+def kl_heatmap(per_feature: pd.DataFrame, alpha: float, dpi: int, words: Mode) -> pd.DataFrame:
     head = per_feature[per_feature["alpha"] == alpha].sort_values(["layer", "feature"]).copy()
     head["rank"] = head.groupby("layer").cumcount()
     grid = head.pivot(index="layer", columns="rank", values="kl_live")
@@ -149,7 +149,7 @@ def run_plot_stage(config: Config | StageParams) -> list[Path]:
         for stale in artifacts.PLOTS.glob("layer_vs_dloss_alpha*.png"):
             if stale != artifacts.headline_png(config.alpha):
                 stale.unlink()
-        words = words_for(config.intervention)
+        words = MODES[config.intervention]
         write_csv(artifacts.LAYER_DCE_CSV, layer_dce_figure(per_feature, config.alpha, config.plot_dpi, words))
         write_csv(artifacts.ALPHA_SWEEP_CSV, sweep_figures(per_feature, config.plot_dpi, words))
         write_csv(artifacts.KL_HEATMAP_CSV, kl_heatmap(per_feature, config.alpha, config.plot_dpi, words))

@@ -15,16 +15,16 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from pipeline import artifacts
-from pipeline.config import Config
-from pipeline.errors import UserError
-from pipeline.io import atomic_dir, write_bytes, write_text
+from pipeline.core import artifacts
+from pipeline.core.errors import UserError
+from pipeline.core.io import atomic_dir, write_bytes, write_text
+from pipeline.params.config import Config
+from pipeline.params.stage_params import StageParams
 from pipeline.report.fragments import FIGURE_DIR, build_fragments
 from pipeline.report.inputs import load_inputs
 from pipeline.report.render import choose_renderer, describe, external_resources, render
-from pipeline.stage_params import StageParams
 
-# The params this stage reads (its dvc.yaml params; tests/test_stage_deps.py checks they agree).
+# The params this stage reads (its dvc.yaml params; tests/contracts/test_stage_deps.py checks they agree).
 PARAMS = ("alpha", "layers", "live_percentile")
 
 STYLESHEET = Path(__file__).resolve().parents[1] / "report" / "report.css"

@@ -1,6 +1,6 @@
 """Stage `tokenize`: corpus -> data/tokens.npy (int32 [max_passages, max_len], column 0 = BOS).
 
-See pipeline.corpus for how windows are cut and sampled; data/tokens.json records the corpus,
+See pipeline.load.corpus for how windows are cut and sampled; data/tokens.json records the corpus,
 its sha256, the tokenizer, which windows were drawn and the document each was cut from.
 """
 
@@ -10,17 +10,17 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import artifacts
-from pipeline.artifacts import ModelRecord
-from pipeline.checks import check_max_len
-from pipeline.config import Config
-from pipeline.corpus import load_corpus, make_windows, sample_windows, window_documents
-from pipeline.errors import UserError
-from pipeline.runinfo import stage_record
-from pipeline.stage_params import StageParams
-from pipeline.tokenizer import study_tokenizer
+from pipeline.core import artifacts
+from pipeline.core.errors import UserError
+from pipeline.core.runinfo import stage_record
+from pipeline.load import load_tokenizer
+from pipeline.load.corpus import load_corpus, make_windows, sample_windows, window_documents
+from pipeline.params.config import Config
+from pipeline.params.limits import check_max_len
+from pipeline.params.stage_params import StageParams
+from pipeline.plan.record import ModelRecord
 
-# The params this stage reads (its dvc.yaml params; tests/test_stage_deps.py checks they agree).
+# The params this stage reads (its dvc.yaml params; tests/contracts/test_stage_deps.py checks they agree).
 PARAMS = ("preset", "corpus", "max_passages", "max_len", "seed")
 
 
@@ -30,7 +30,7 @@ def run_tokenize_stage(config: Config | StageParams) -> dict[str, Any]:
     check_max_len(config, model_record.model.n_ctx)
     with stage_record("tokenize") as record:
         corpus = load_corpus(config.corpus)  # before the tokenizer: it may need the network
-        tokenizer = study_tokenizer(model_record)
+        tokenizer = load_tokenizer(model_record)
         ids, starts = tokenizer.encode_with_starts(corpus.text)
         ids = np.asarray(ids, dtype=np.int64)
         if ids.size and (ids.min() < 0 or ids.max() >= model_record.model.d_vocab):

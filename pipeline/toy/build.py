@@ -9,7 +9,7 @@ both at 0 the weights stay random: the tests' fast path, where the numbers need 
 
 The model is saved as HookedTransformerConfig kwargs + a safetensors state dict; each SAE is an
 SAE-Lens StandardSAE saved with `save_model` into `saes/blocks.L.hook_resid_post/`. Everything is
-deterministic from `seed`. `pipeline.loading` reads them back exactly as it would a user's own
+deterministic from `seed`. `pipeline.load.library` reads them back exactly as it would a user's own
 local model and SAEs.
 """
 
@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipeline.tokenizer import ByteTokenizer
+from pipeline.load.tokenizer import ByteTokenizer
 from pipeline.toy.layout import TOY_CORPUS, TOY_D_SAE, TOY_MODEL_KWARGS, toy_model_kwargs, toy_sae_folder
 
 if TYPE_CHECKING:
@@ -40,7 +40,7 @@ def new_toy_model(seed: int, base: dict[str, Any] | None = None) -> HookedTransf
 
 
 def toy_sae_metadata(layer: int, n_ctx: int, model_name: str, dataset: str = TOY_CORPUS) -> SAEMetadata:
-    """What a toy SAE records about its model; hook_name is what pipeline.loading checks."""
+    """What a toy SAE records about its model; hook_name is what pipeline.load.library checks."""
     from sae_lens.saes.sae import SAEMetadata
 
     return SAEMetadata(
@@ -78,8 +78,8 @@ def new_toy_sae(layer: int, d_in: int, d_sae: int, seed: int, dataset: str = TOY
 
 
 def save_toy(out_dir: Path, model, saes: dict[int, Any], seed: int, base: dict[str, Any] | None = None) -> None:
-    """Write model and SAEs in the local formats pipeline.loading reads."""
-    from pipeline.loading import save_local_model
+    """Write model and SAEs in the local formats pipeline.load.library reads."""
+    from pipeline.load.library import save_local_model
 
     save_local_model(model, out_dir / "model", toy_model_kwargs(seed, base), ByteTokenizer().spec())
     for layer, sae in saes.items():
@@ -111,7 +111,7 @@ def build_trained_toy(out_dir: Path, seed: int, lm: LMSettings, sae: SAESettings
 
     `lm` / `sae` are LMSettings / SAESettings; `base` replaces TOY_MODEL_KWARGS (the tests
     train a narrower toy through this same path)."""
-    from pipeline.quiet import quiet_library_warnings
+    from pipeline.core.quiet import quiet_library_warnings
     from pipeline.toy.train import deterministic
 
     quiet_library_warnings()
@@ -123,8 +123,8 @@ def _build_trained(out_dir: Path, seed: int, lm: LMSettings, sae: SAESettings,
                    base: dict[str, Any] | None) -> dict[str, Any]:
     import torch
 
-    from pipeline.corpus import load_corpus
-    from pipeline.io import write_json
+    from pipeline.core.io import write_json
+    from pipeline.load.corpus import load_corpus
     from pipeline.toy import quality, train
 
     timings: dict[str, float] = {}

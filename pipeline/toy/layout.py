@@ -1,17 +1,18 @@
-"""The toy model's shape and file layout: what `plan` and the resolver need to know about the toy
-before it is built, kept free of heavy imports (pipeline.toy.build builds it)."""
+"""The toy model's shape and file layout (its depth and SAE folder names come from the toy preset, which
+`plan` reads before the toy is built); pipeline.toy.build builds it."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from pipeline.tokenizer import ByteTokenizer
+from pipeline.load.tokenizer import ByteTokenizer
+from pipeline.params.config import PRESETS
 
 # Tiny widths, 12 layers, a 257-token byte vocabulary (256 bytes + BOS). Two heads, d_mlp = 2 x
 # d_model and exact GELU make a training step ~30% cheaper on 2 CPU cores than 4 heads, 4 x d_model
 # and gelu_new, for 2.01 instead of 1.95 held-out bits per byte after the default 1500 steps.
 TOY_MODEL_KWARGS: dict[str, Any] = {
-    "n_layers": 12,
+    "n_layers": PRESETS["toy"].built_layers,  # the preset says, so `plan` knows before the toy is built
     "d_model": 64,
     "n_heads": 2,
     "d_head": 32,
@@ -31,7 +32,7 @@ TOY_CORPUS = "python-docs"
 
 
 def toy_sae_folder(layer: int) -> str:
-    return f"blocks.{layer}.hook_resid_post"
+    return PRESETS["toy"].built_sae_id(layer)
 
 
 def toy_model_kwargs(seed: int, base: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -37,7 +37,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from pipeline.tokenizer import ByteTokenizer
+from pipeline.load.tokenizer import ByteTokenizer
 
 if TYPE_CHECKING:
     from sae_lens import StandardSAE

@@ -1,0 +1,217 @@
+"""Which SAE sits at which hook: the study's plan, resolved without loading any weights.
+
+For a hub release the answer comes from SAE-Lens's pretrained directory (`pretrained_saes.yaml`,
+the file `sae_lens.loading.pretrained_saes_directory.get_pretrained_saes_directory` reads). We
+read that packaged file directly, because importing `sae_lens` costs ~6 s (it imports
+TransformerLens and transformers) and `plan` and the offline check must answer in well under a
+second; `tests/plan/test_layer_plan.py` checks the two readings agree for every release.
+
+TransformerLens's `blocks.L.hook_resid_post` is the same tensor as `blocks.(L+1).hook_resid_pre`,
+so a release that only has resid_pre SAEs (gpt2-small-res-jb) still covers resid_post layers
+0..10 through the next block's resid_pre SAE, and layer 11 through `blocks.11.hook_resid_post`.
+For a local directory of SAEs (one SAE-Lens `save_model` folder per hook) the hook is read from
+each folder's cfg.json.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import json
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline.core.errors import UserError
+from pipeline.params.config import Config
+from pipeline.params.limits import check_layers_in_range
+from pipeline.plan.hooks import hook_name, resume_index
+
+NEURONPEDIA_SITE = "https://www.neuronpedia.org"
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """Where the intervention for one layer happens and which SAE reads it."""
+
+    layer: int
+    hook: str  # the model hook we intervene at, e.g. blocks.3.hook_resid_post
+    resume_at: int  # first block to run after the hook (start_at_layer)
+    sae_release: str
+    sae_id: str  # id in the release, or folder name for a local directory
+    neuronpedia: str | None  # e.g. gpt2-small/4-res-jb
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def neuronpedia_url(self, feature: int) -> str | None:
+        if self.neuronpedia is None:
+            return None
+        return f"{NEURONPEDIA_SITE}/{self.neuronpedia}/{feature}"
+
+
+@dataclass(frozen=True)
+class ReleaseInfo:
+    """One release of SAE-Lens's pretrained directory (the fields this project uses)."""
+
+    release: str
+    repo_id: str
+    model: str
+    saes_map: dict[str, str]  # sae id -> path in the repo
+    neuronpedia_id: dict[str, str | None]  # sae id -> "gpt2-small/7-res-jb"
+    config_overrides: dict[str, Any]
+    conversion_func: str | None = None  # None: SAE-Lens's own file layout (cfg.json + weights)
+
+
+def _sae_lens_yaml() -> Path:
+    spec = importlib.util.find_spec("sae_lens")
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError("sae-lens is not installed; run: pip install -r requirements.txt")
+    return Path(list(spec.submodule_search_locations)[0]) / "pretrained_saes.yaml"
+
+
+@functools.cache
+def pretrained_directory() -> dict[str, ReleaseInfo]:
+    """SAE-Lens's pretrained SAE directory, as `get_pretrained_saes_directory` builds it."""
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    with open(_sae_lens_yaml(), encoding="utf-8") as f:
+        data = yaml.load(f, Loader=loader)
+    directory = {}
+    for release, value in data.items():
+        saes = value.get("saes", [])
+        directory[release] = ReleaseInfo(
+            release=release,
+            repo_id=value["repo_id"],
+            model=value["model"],
+            saes_map={s["id"]: str(s["path"]) for s in saes},
+            neuronpedia_id={s["id"]: s.get("neuronpedia") for s in saes},
+            config_overrides=dict(value.get("config_overrides") or {}),
+            conversion_func=value.get("conversion_func"),
+        )
+    return directory
+
+
+def equivalent_hooks(hook: str, layer: int, n_layers: int | None) -> list[str]:
+    """Hook names carrying the same tensor as `hook` at `layer`, the exact name first."""
+    names = [hook_name(hook, layer)]
+    if hook == "resid_post" and (n_layers is None or layer + 1 < n_layers):
+        names.append(hook_name("resid_pre", layer + 1))
+    if hook == "resid_pre" and layer >= 1:
+        names.append(hook_name("resid_post", layer - 1))
+    return names
+
+
+def _local_saes(directory: str | Path) -> dict[str, tuple[str, str | None]]:
+    """hook name -> (folder name, Neuronpedia id from the cfg's metadata, if any)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise UserError(
+            f"SAE directory {directory} does not exist; for the toy preset run `dvc repro model` "
+            "(or `python -m pipeline model`) first"
+        )
+    found: dict[str, tuple[str, str | None]] = {}
+    for cfg_path in sorted(directory.glob("*/cfg.json")):
+        try:
+            meta = json.loads(cfg_path.read_text(encoding="utf-8"))["metadata"]
+            name = meta["hook_name"]
+        except (OSError, ValueError, KeyError, TypeError):
+            raise UserError(f"{cfg_path} is not an SAE-Lens cfg.json with metadata.hook_name") from None
+        found[name] = (cfg_path.parent.name, meta.get("neuronpedia_id"))
+    if not found:
+        raise UserError(f"{directory} holds no SAE folders (no */cfg.json)")
+    return found
+
+
+_BLOCK_RE = re.compile(r"^blocks\.(\d+)\.")
+
+
+def _toy_unbuilt(config: Config) -> bool:
+    """A preset the `model` stage builds (the toy), before it ran: its layout is known, its files not yet there."""
+    preset = config.preset_info
+    return (preset.built_layers is not None and config.sae_release == preset.sae_release
+            and not Path(config.sae_release).is_dir())
+
+
+def available_saes(config: Config) -> tuple[dict[str, str], dict[str, str | None], str]:
+    """(hook-or-id -> SAE id, SAE id -> Neuronpedia source, description) for the release."""
+    if _toy_unbuilt(config):
+        preset = config.preset_info
+        ids = {preset.built_sae_id(layer): preset.built_sae_id(layer) for layer in range(preset.built_layers)}
+        return ids, {}, f"{config.preset} SAEs (built by the model stage into {config.sae_release})"
+    if config.saes_are_local:
+        # A local SAE saved by SAE-Lens keeps its Neuronpedia id in cfg.json's metadata.
+        local = _local_saes(config.sae_release)
+        return ({hook: folder for hook, (folder, _) in local.items()},
+                {folder: np_id for folder, np_id in local.values()}, f"SAE directory {config.sae_release}")
+    directory = pretrained_directory()
+    if config.sae_release not in directory:
+        stem = config.model.split("/")[-1]
+        close = [r for r in directory if r.startswith(stem)][:8]
+        raise UserError(
+            f"params.yaml: sae_release '{config.sae_release}' is not in SAE-Lens's pretrained "
+            f"directory; releases for {stem} include: {', '.join(close) or 'none'}"
+        )
+    info = directory[config.sae_release]
+    return {sid: sid for sid in info.saes_map}, info.neuronpedia_id, f"release {config.sae_release}"
+
+
+def model_n_layers(config: Config) -> int | None:
+    """The model's depth without loading weights: a local model's config.json; for a hub model,
+    the deepest block the release reads when its SAEs cover every block up to it (res-jb and the
+    v5 releases do); None when that cannot be told (checked by the model stage after loading)."""
+    if config.model_is_local and not _toy_unbuilt(config):
+        cfg_path = Path(config.model) / "config.json"
+        if not cfg_path.exists():
+            raise UserError(
+                f"model directory {config.model} has no config.json; for the toy preset run "
+                "`dvc repro model` (or `python -m pipeline model`) first"
+            )
+        return int(json.loads(cfg_path.read_text(encoding="utf-8"))["n_layers"])
+    ids, _, _ = available_saes(config)
+    blocks = {int(m.group(1)) for m in map(_BLOCK_RE.match, ids) if m}
+    if not blocks or blocks != set(range(max(blocks) + 1)):
+        return None
+    return max(blocks) + 1
+
+
+def plan_layers(config: Config, n_layers: int | None = None, layers: tuple[int, ...] | None = None
+                ) -> list[LayerPlan]:
+    """Resolve every layer of `layers` (default: `config.layers`) to its hook, SAE id and Neuronpedia source."""
+    layers = config.layers if layers is None else layers
+    id_of, neuronpedia_of, where = available_saes(config)
+    if n_layers is None:
+        n_layers = model_n_layers(config)
+    if n_layers is not None:
+        check_layers_in_range(layers, n_layers)
+    plans = []
+    for layer in layers:
+        candidates = equivalent_hooks(config.hook, layer, n_layers)
+        sae_id = next((id_of[h] for h in candidates if h in id_of), None)
+        if sae_id is None:
+            have = sorted(id_of)
+            raise UserError(
+                f"{where} has no SAE at {' or '.join(candidates)} (layer {layer}); "
+                f"it has: {', '.join(have[:6])}{', ...' if len(have) > 6 else ''}"
+            )
+        plans.append(
+            LayerPlan(
+                layer=layer,
+                hook=hook_name(config.hook, layer),
+                resume_at=resume_index(config.hook, layer),
+                sae_release=config.sae_release,
+                sae_id=sae_id,
+                neuronpedia=neuronpedia_of.get(sae_id),
+            )
+        )
+    return plans
+
+
+def model_from_pretrained_kwargs(config: Config) -> dict[str, Any]:
+    """The release's recorded kwargs for HookedTransformer.from_pretrained (empty if local)."""
+    if config.saes_are_local:
+        return {}
+    overrides = pretrained_directory()[config.sae_release].config_overrides
+    return dict(overrides.get("model_from_pretrained_kwargs") or {})

@@ -1,0 +1,90 @@
+"""`python -m pipeline plan`: what the study will do, resolved without loading any weights."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from pipeline.core.modes import MODES
+from pipeline.params.config import Config
+from pipeline.plan.layers import model_from_pretrained_kwargs, plan_layers
+
+
+def forward_passes(config: Config) -> dict[str, int]:
+    """Passage-forwards through the model (one passage of max_len tokens each).
+
+    engine: per layer one prefix (embedding up to the hook) and one clean suffix per passage, plus
+    one suffix per (feature, non-identity alpha, passage) at most (fewer when a feature is silent in
+    a passage), and as many again per random-direction control draw. plain: one full forward per
+    (feature, alpha, passage) plus one clean per passage (no controls).
+    """
+    identity = MODES[config.intervention].identity
+    n_values = len(config.alpha_sweep)
+    active = n_values - (1 if identity in config.alpha_sweep else 0)
+    n, f, b, layers = config.max_passages, config.features_per_layer, config.batch_size, len(config.layers)
+    per_row = 1 + config.control_draws  # the feature's own row and one per control draw
+    variant_rows = layers * f * active * n * per_row
+    return {
+        "clean_prefix_passes": layers * n,
+        "clean_suffix_passes": layers * n,
+        "intervened_suffix_passes_max": variant_rows,
+        "control_draws": config.control_draws,
+        "batched_calls_max": layers * math.ceil(n / b) * (2 + f * active * per_row),
+        "plain_full_passes": layers * (f * n_values * n + n),
+        "tokens_per_pass": config.max_len,
+    }
+
+
+def build_plan(config: Config) -> dict[str, Any]:
+    layers = plan_layers(config)
+    return {
+        "preset": config.preset,
+        "model": config.model,
+        "model_from_pretrained_kwargs": model_from_pretrained_kwargs(config),
+        "sae_release": config.sae_release,
+        "hook": config.hook,
+        "corpus": config.corpus,
+        "passages": config.max_passages,
+        "max_len": config.max_len,
+        "feature_source": config.feature_source,
+        "features_per_layer": config.features_per_layer,
+        "intervention": config.intervention,
+        "alpha": config.alpha,
+        "alphas": list(config.alpha_sweep),
+        "seed": config.seed,
+        "device": config.device,
+        "dtype": config.dtype,
+        "batch_size": config.batch_size,
+        "layers": [
+            {"layer": p.layer, "hook": p.hook, "sae_release": p.sae_release, "sae_id": p.sae_id,
+             "neuronpedia": p.neuronpedia}
+            for p in layers
+        ],
+        "forward_passes": forward_passes(config),
+    }
+
+
+def format_plan(plan: dict[str, Any]) -> str:
+    fp = plan["forward_passes"]
+    lines = [
+        f"preset        {plan['preset']}",
+        f"model         {plan['model']}" + (f"  {plan['model_from_pretrained_kwargs']}" if plan["model_from_pretrained_kwargs"] else ""),
+        f"SAEs          {plan['sae_release']} at {plan['hook']}",
+        f"corpus        {plan['corpus']}: {plan['passages']} passages x {plan['max_len']} tokens (seed {plan['seed']})",
+        f"features      {plan['features_per_layer']} per layer from {plan['feature_source']}",
+        f"intervention  {plan['intervention']}, alphas {', '.join(f'{a:g}' for a in plan['alphas'])} (headline {plan['alpha']:g})",
+        f"device        {plan['device']}, {plan['dtype']}, batch_size {plan['batch_size']}",
+        "",
+        f"{'layer':>5}  {'hook':<26} {'SAE id':<28} neuronpedia",
+    ]
+    for row in plan["layers"]:
+        lines.append(f"{row['layer']:>5}  {row['hook']:<26} {row['sae_id']:<28} {row['neuronpedia'] or '-'}")
+    lines += [
+        "",
+        f"forward passes ({fp['tokens_per_pass']} tokens each): {fp['clean_prefix_passes']:,} clean prefix + "
+        f"{fp['clean_suffix_passes']:,} clean suffix + at most {fp['intervened_suffix_passes_max']:,} intervened "
+        f"suffix passes (with {fp['control_draws']} random-direction control draws each), in at most "
+        f"{fp['batched_calls_max']:,} batched calls",
+        f"(the plain way, one full forward per feature x alpha x passage: {fp['plain_full_passes']:,} full passes)",
+    ]
+    return "\n".join(lines)

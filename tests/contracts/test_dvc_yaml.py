@@ -1,0 +1,54 @@
+"""dvc.yaml and the package agree: stage names, commands, artifact paths and params keys."""
+
+from __future__ import annotations
+
+import yaml
+
+from pipeline.cli import app
+from pipeline.core import artifacts
+from tests.conftest import ROOT
+
+DVC = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+STAGES = DVC["stages"]
+
+
+def _outs(stage: dict) -> set[str]:
+    return {next(iter(o)) if isinstance(o, dict) else o for o in stage.get("outs", [])}
+
+
+def test_every_stage_is_a_cli_command_and_a_module():
+    commands = {c.name or c.callback.__name__ for c in app.registered_commands}
+    for name, stage in STAGES.items():
+        cmd = (stage.get("do") or stage)["cmd"]
+        assert cmd.startswith(f"python -m pipeline {name}"), cmd
+        assert name in commands
+        assert (ROOT / "pipeline" / "stages" / f"{name}.py").exists()
+        assert f"pipeline/stages/{name}.py" in (stage.get("do") or stage)["deps"]
+
+
+def test_artifact_paths_are_the_packages():
+    assert {str(artifacts.MODEL_JSON), str(artifacts.run_record("model"))} <= _outs(STAGES["model"])
+    assert "data/${preset}" in _outs(STAGES["model"])
+    assert {str(artifacts.TOKENS), str(artifacts.TOKENS_META)} <= _outs(STAGES["tokenize"])
+    assert {str(artifacts.FEATURES), str(artifacts.NEURONPEDIA_CACHE)} <= _outs(STAGES["features"])
+    layer_outs = _outs(STAGES["intervene"]["do"])
+    assert str(artifacts.layer_metrics(7)).replace("7", "${item}") in layer_outs
+    assert str(artifacts.layer_detail(7)).replace("7", "${item}") in layer_outs
+    assert str(artifacts.run_record("intervene_7")).replace("7", "${item}") in layer_outs
+    assert {str(artifacts.PER_FEATURE), str(artifacts.PER_LAYER), str(artifacts.SUMMARY)} <= _outs(STAGES["aggregate"])
+    assert str(artifacts.PLOTS) in _outs(STAGES["plot"])
+    assert {str(artifacts.REPORT_HTML), str(artifacts.REPORT_GENERATED)} <= _outs(STAGES["report"])
+    assert DVC["metrics"] == [str(artifacts.SUMMARY)]
+    summary = next(o for o in STAGES["aggregate"]["outs"] if isinstance(o, dict) and str(artifacts.SUMMARY) in o)
+    assert summary[str(artifacts.SUMMARY)]["cache"] is False  # git carries it: `dvc metrics diff` on a fresh clone
+
+
+def test_stage_params_are_known_keys_and_plot_reads_no_forward_pass_key():
+    known = set(yaml.safe_load((ROOT / "params.yaml").read_text()))
+    for stage in STAGES.values():
+        assert set((stage.get("do") or stage).get("params", [])) <= known
+    # intervention only words the axes (a change of it re-runs intervene anyway)
+    assert set(STAGES["plot"]["params"]) == {"alpha", "intervention", "plot_dpi"}
+    assert "plot_dpi" not in STAGES["intervene"]["do"]["params"]
+    assert "alpha" in STAGES["intervene"]["do"]["params"]
+    assert STAGES["intervene"]["foreach"] == "${layers}"
