@@ -23,7 +23,7 @@ import typer
 
 from pipeline.core import artifacts
 from pipeline.core.errors import UserError
-from pipeline.params.config import PARAMS
+from pipeline.core.params.config import PARAMS
 
 app = typer.Typer(
     help="SAE feature interventions on GPT-2 Small: scale a feature by alpha, measure the model.\n\n"
@@ -92,7 +92,7 @@ def _run(target: str, *args: Any) -> Any:
     second, not the several seconds torch and TransformerLens take to import.
     """
     with _one_line_errors("finished outputs are kept, nothing half-written"):
-        from pipeline.params.config import load_config
+        from pipeline.core.params.config import load_config
 
         config = load_config(_state.params)
         module, name = target.split(":")
@@ -112,9 +112,9 @@ def collect_garbage_again() -> None:
 @app.command()
 def plan(as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table.")) -> None:
     """Print the resolved plan (model, SAEs, hooks, Neuronpedia sources, forward passes); loads no weights."""
-    from pipeline.plan.show import format_plan
+    from pipeline.core.plan.show import format_plan
 
-    result = _run("pipeline.plan.show:build_plan")
+    result = _run("pipeline.core.plan.show:build_plan")
     typer.echo(json.dumps(result, indent=2) if as_json else format_plan(result))
 
 

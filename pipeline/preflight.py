@@ -1,7 +1,7 @@
 """Checks that run before any long work: everything that can be known wrong at second 1.
 
 `preflight` runs at the start of the `model` stage (the first stage of `dvc repro`) and in
-`python -m pipeline check`: params (already typed by pipeline.params.config), the device, the corpus
+`python -m pipeline check`: params (already typed by pipeline.core.params.config), the device, the corpus
 name, the layer plan, a curated features file's structure, and whether Neuronpedia selection has
 Neuronpedia sources. `after_loading` runs once the model and SAEs are loaded (still in the model
 stage, seconds in): the context length, the SAE widths and the curated indices. Later stages
@@ -13,11 +13,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline.core.errors import UserError
+from pipeline.core.params.config import Config
+from pipeline.core.params.device import resolve_device
+from pipeline.core.params.limits import check_features_per_layer, check_max_len
+from pipeline.core.plan.layers import LayerPlan, plan_layers
 from pipeline.load.corpus import CORPORA
-from pipeline.params.config import Config
-from pipeline.params.device import resolve_device
-from pipeline.params.limits import check_features_per_layer, check_max_len
-from pipeline.plan.layers import LayerPlan, plan_layers
 
 
 def check_corpus_name(config: Config) -> None:

@@ -135,7 +135,7 @@ def toy_study(tmp_path_factory) -> Path:
     import yaml
 
     from pipeline.core import artifacts
-    from pipeline.params.config import parse_params
+    from pipeline.core.params.config import parse_params
     from pipeline.stages.report import run_report_stage
 
     root = tmp_path_factory.mktemp("toy-study")
@@ -155,3 +155,13 @@ def copy_of_toy_study(toy_study: Path, dest: Path) -> Path:
     """A copy of the shared study that a test may change."""
     shutil.copytree(toy_study, dest)
     return dest
+
+
+@pytest.fixture(scope="session")
+def hub_twin(tmp_path_factory) -> Path:
+    """A tiny hub twin (`python -m pipeline twin DIR`): a Hugging Face cache of stand-ins, built once."""
+    from pipeline.twin.build import build_twin
+
+    home = tmp_path_factory.mktemp("twin")
+    build_twin(home, "tiny", seed=0)
+    return home

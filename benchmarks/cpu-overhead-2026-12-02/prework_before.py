@@ -4,8 +4,8 @@ import torch
 
 import pipeline.cli  # noqa: F401 - the stage's imports, as measured
 import pipeline.stages.intervene  # noqa: F401
+from pipeline.core.plan.record import ModelRecord
 from pipeline.load import library, load_model, load_tokenizer
-from pipeline.plan.record import ModelRecord
 
 r = ModelRecord.read()
 m = load_model(r, torch.device("cpu"), "float32", hooks=True)

@@ -7,7 +7,7 @@ once and neither borrows the engine's code:
   spliced in (`use_error_term=True`) and a hook scaling `hook_sae_acts_post` of one feature at positions >= 1.
 - `definition_hook` / `float64_reference`: full forward passes with the intervention's delta added by a hook at the
   SAE's hook point (scale, clamp or add; any SAE-Lens architecture, its own `encode`), logits in float64;
-  `definition_metrics`: every scalar metric from those arrays, straight from design.md.
+  `definition_metrics`: every scalar metric from those arrays, straight from docs/method.md.
 - `metrics_table`, `max_rel_diff`, `precision_cost`, `max_abs_diff`: how two sets of metrics are compared.
 """
 
@@ -102,7 +102,7 @@ def definition_hook(encode: Callable[[torch.Tensor], torch.Tensor], direction: t
 
 def control_hook(encode: Callable[[torch.Tensor], torch.Tensor], direction: torch.Tensor, control: torch.Tensor,
                  intervention: str, value: float):
-    """design.md's random-direction control: where the feature's hook would add delta_t, add ||delta_t|| * u
+    """docs/statistics.md's random-direction control: where the feature's hook would add delta_t, add ||delta_t|| * u
     (u = `control`, a unit vector [d_model]) instead, at every position but BOS."""
 
     def hook(resid, hook):  # noqa: ARG001
@@ -149,7 +149,7 @@ def feature_encoder(sae, features: Sequence[int], dtype: torch.dtype
 
 
 def definition_live(acts: np.ndarray, live_percentile: float) -> tuple[float, np.ndarray]:
-    """design.md's live set: the positions where the feature's |activation| is above max(0, its percentile)."""
+    """docs/method.md's live set: the positions where the feature's |activation| is above max(0, its percentile)."""
     thr = max(0.0, float(np.percentile(np.abs(acts), live_percentile)))
     return thr, np.abs(acts) > thr
 
@@ -226,7 +226,7 @@ def float64_reference(model, sae, tokens: torch.Tensor, hook: str, features: lis
 
 def definition_metrics(ce_clean: np.ndarray, ce_int: np.ndarray, kl: np.ndarray, acts: np.ndarray,
                        live_percentile: float) -> dict[str, float]:
-    """Every scalar metric of one variant from design.md, in float64 (arrays [n, t-2]: positions 1 .. T-2)."""
+    """Every scalar metric of one variant from docs/method.md, in float64 (arrays [n, t-2]: positions 1 .. T-2)."""
     acts = acts.astype(np.float64)
     thr, live = definition_live(acts, live_percentile)
     d = ce_int - ce_clean

@@ -33,10 +33,10 @@ from pipeline.bench.references import (
 )
 from pipeline.core.errors import UserError
 from pipeline.core.io import write_json
+from pipeline.core.params.config import DTYPES
+from pipeline.core.params.device import resolve_device, torch_dtype
 from pipeline.core.quiet import quiet_library_warnings
 from pipeline.engine.run import run_layer
-from pipeline.params.config import DTYPES
-from pipeline.params.device import resolve_device, torch_dtype
 
 
 def run_workload(w: wl.Workload, device: torch.device, dtypes: list[str], skip_plain: bool, log,

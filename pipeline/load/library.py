@@ -19,12 +19,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from pipeline.core.errors import UserError
+from pipeline.core.params.config import is_local_path
+from pipeline.core.params.device import torch_dtype
+from pipeline.core.plan.hooks import same_tensor
+from pipeline.core.plan.layers import LayerPlan
 from pipeline.core.quiet import quiet_library_warnings
 from pipeline.core.runinfo import timed
-from pipeline.params.config import is_local_path
-from pipeline.params.device import torch_dtype
-from pipeline.plan.hooks import same_tensor
-from pipeline.plan.layers import LayerPlan
 
 if TYPE_CHECKING:
     from sae_lens import SAE

@@ -20,6 +20,16 @@ import torch
 
 from pipeline.core.errors import UserError
 from pipeline.core.io import read_json, sha256_file
+from pipeline.core.params.config import Config
+from pipeline.core.params.limits import check_layers_in_range
+from pipeline.core.plan.layers import (
+    LayerPlan,
+    available_saes,
+    equivalent_hooks,
+    model_n_layers,
+    plan_layers,
+    pretrained_directory,
+)
 from pipeline.load import hub
 from pipeline.load.library import (
     MODEL_WEIGHTS,
@@ -29,16 +39,6 @@ from pipeline.load.library import (
     sae_model_kwargs,
 )
 from pipeline.load.processed.store import SAE_WEIGHTS, write_processed
-from pipeline.params.config import Config
-from pipeline.params.limits import check_layers_in_range
-from pipeline.plan.layers import (
-    LayerPlan,
-    available_saes,
-    equivalent_hooks,
-    model_n_layers,
-    plan_layers,
-    pretrained_directory,
-)
 
 
 def prepare(config: Config, study_layers: tuple[int, ...], check_loaded) -> tuple[dict[str, Any], dict[str, Any]]:

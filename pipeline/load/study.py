@@ -15,15 +15,15 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from pipeline.core import artifacts
+from pipeline.core.params.device import torch_dtype
 from pipeline.load import hub, library
 from pipeline.load.processed import store
 from pipeline.load.tokenizer import Tokenizer, tokenizer_from_spec
-from pipeline.params.device import torch_dtype
 
 if TYPE_CHECKING:
     import torch
 
-    from pipeline.plan.record import ModelRecord
+    from pipeline.core.plan.record import ModelRecord
 
 
 def load_model(record: ModelRecord, device: torch.device, dtype: str, *, hooks: bool = False):

@@ -22,8 +22,8 @@ import pandas as pd
 from pipeline.core import artifacts
 from pipeline.core.errors import UserError
 from pipeline.core.io import read_json
-from pipeline.params.config import Config
-from pipeline.plan.record import ModelRecord
+from pipeline.core.params.config import Config
+from pipeline.core.plan.record import ModelRecord
 
 
 @dataclass(frozen=True)

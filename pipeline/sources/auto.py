@@ -25,9 +25,9 @@ import torch
 from tqdm import tqdm
 
 from pipeline.core.errors import UserError
+from pipeline.core.plan.layers import LayerPlan
 from pipeline.engine.forward import FeatureEncoder, residual_at
 from pipeline.load.tokenizer import Tokenizer, quote_token
-from pipeline.plan.layers import LayerPlan
 from pipeline.sources.selection import FeatureChoice
 
 

@@ -31,9 +31,9 @@ import numpy as np
 
 from pipeline.core import artifacts
 from pipeline.core.errors import UserError
-from pipeline.params.config import Config
-from pipeline.plan.layers import LayerPlan
-from pipeline.plan.record import ModelRecord
+from pipeline.core.params.config import Config
+from pipeline.core.plan.layers import LayerPlan
+from pipeline.core.plan.record import ModelRecord
 from pipeline.sources.neuronpedia_client import NeuronpediaClient, NeuronpediaFeature, split_neuronpedia_id
 from pipeline.sources.selection import FeatureChoice
 

@@ -26,9 +26,9 @@ from pipeline.core.columns import GENERATION_HEADLINE, HEADLINE, METRIC_COLUMNS,
 from pipeline.core.errors import UserError
 from pipeline.core.io import write_csv, write_json
 from pipeline.core.modes import MODES
+from pipeline.core.params.config import Config
+from pipeline.core.params.stage_params import StageParams
 from pipeline.core.runinfo import stage_record
-from pipeline.params.config import Config
-from pipeline.params.stage_params import StageParams
 from pipeline.stats.nan_rules import nan_allowed
 from pipeline.stats.resampling import FWER, N_FAMILIES
 from pipeline.stats.study import add_study_tests, test_counts

@@ -11,13 +11,13 @@ import pandas as pd
 
 from pipeline.core import artifacts, columns
 from pipeline.core.errors import UserError
+from pipeline.core.params.config import Config
+from pipeline.core.params.device import resolve_device
+from pipeline.core.params.limits import check_features_per_layer
+from pipeline.core.params.stage_params import StageParams
+from pipeline.core.plan.record import ModelRecord
 from pipeline.core.runinfo import device_description, stage_record
 from pipeline.load import load_model, load_sae, load_tokenizer
-from pipeline.params.config import Config
-from pipeline.params.device import resolve_device
-from pipeline.params.limits import check_features_per_layer
-from pipeline.params.stage_params import StageParams
-from pipeline.plan.record import ModelRecord
 from pipeline.sources.selection import FeatureChoice
 
 # The params this stage reads (its dvc.yaml params; tests/contracts/test_stage_deps.py checks they agree).
@@ -48,7 +48,7 @@ def select_features(config: Config, model_record: ModelRecord) -> list[FeatureCh
 
     tokens = artifacts.read_tokens()
     device = resolve_device(config.device)
-    model = load_model(model_record, device, config.dtype)
+    model = load_model(model_record, device, config.dtype, hooks=True)
     plans = {layer: model_record.layer(layer).plan() for layer in config.layers}
     saes = {layer: load_sae(model_record, layer, device, config.dtype) for layer in config.layers}
     return choose_auto(model, saes, plans, tokens, load_tokenizer(model_record), config.features_per_layer,

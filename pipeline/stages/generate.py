@@ -26,6 +26,10 @@ from tqdm import tqdm
 from pipeline.core import artifacts, columns
 from pipeline.core.errors import UserError
 from pipeline.core.io import write_json
+from pipeline.core.params.config import Config
+from pipeline.core.params.device import resolve_device
+from pipeline.core.params.stage_params import StageParams
+from pipeline.core.plan.record import ModelRecord
 from pipeline.core.runinfo import device_description, stage_record
 from pipeline.engine.forward import FeatureEncoder, residual_at
 from pipeline.engine.generate import Rows, clean_readout, generate
@@ -34,10 +38,6 @@ from pipeline.engine.interventions import INTERVENTIONS
 from pipeline.engine.snippets import CONTEXT_CHARS_BEFORE, direct_logit_effect, top_contexts
 from pipeline.load import load_model, load_sae, load_tokenizer
 from pipeline.load.tokenizer import Tokenizer
-from pipeline.params.config import Config
-from pipeline.params.device import resolve_device
-from pipeline.params.stage_params import StageParams
-from pipeline.plan.record import ModelRecord
 
 # The params this stage reads (its dvc.yaml params; tests/contracts/test_stage_deps.py checks they agree).
 # alpha_sweep and intervention: a null generate_alphas is the sweep (as written) minus the identity.

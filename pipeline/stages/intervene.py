@@ -22,6 +22,10 @@ from tqdm import tqdm
 from pipeline.core import artifacts
 from pipeline.core.errors import NonFiniteMetricError, UserError
 from pipeline.core.io import write_csv, write_json
+from pipeline.core.params.config import Config
+from pipeline.core.params.device import resolve_device
+from pipeline.core.params.stage_params import StageParams
+from pipeline.core.plan.record import ModelRecord
 from pipeline.core.runinfo import device_description, stage_record
 from pipeline.engine.controls import random_unit_directions
 from pipeline.engine.forward import FeatureEncoder
@@ -30,10 +34,6 @@ from pipeline.engine.metrics import density, max_activation, top_tokens, variant
 from pipeline.engine.run import LayerResult, run_layer
 from pipeline.engine.snippets import direct_logit_effect, feature_snippets
 from pipeline.load import load_model, load_sae, load_tokenizer
-from pipeline.params.config import Config
-from pipeline.params.device import resolve_device
-from pipeline.params.stage_params import StageParams
-from pipeline.plan.record import ModelRecord
 from pipeline.stats.nan_rules import nan_allowed
 from pipeline.stats.resampling import Resampler
 from pipeline.stats.rows import row_statistics

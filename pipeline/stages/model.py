@@ -14,12 +14,12 @@ from typing import Any
 
 from pipeline.core import artifacts
 from pipeline.core.io import atomic_dir, write_json
+from pipeline.core.params.config import Config
+from pipeline.core.params.stage_params import StageParams
+from pipeline.core.plan.layers import plan_layers
+from pipeline.core.plan.record import write_model_record
 from pipeline.core.runinfo import device_description, stage_record
 from pipeline.load.prepare import prepare
-from pipeline.params.config import Config
-from pipeline.params.stage_params import StageParams
-from pipeline.plan.layers import plan_layers
-from pipeline.plan.record import write_model_record
 from pipeline.preflight import after_loading, preflight
 
 # The params this stage's outputs depend on (its dvc.yaml params). It also reads every other key,

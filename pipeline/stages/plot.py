@@ -30,9 +30,9 @@ from pipeline.core import artifacts  # noqa: E402
 from pipeline.core.errors import UserError  # noqa: E402
 from pipeline.core.io import atomic_path, write_csv  # noqa: E402
 from pipeline.core.modes import MODES, Mode  # noqa: E402
+from pipeline.core.params.config import Config  # noqa: E402
+from pipeline.core.params.stage_params import StageParams  # noqa: E402
 from pipeline.core.runinfo import stage_record  # noqa: E402
-from pipeline.params.config import Config  # noqa: E402
-from pipeline.params.stage_params import StageParams  # noqa: E402
 from pipeline.stats.resampling import MIN_INTERVAL_DOCS  # noqa: E402
 
 # The params this stage reads (its dvc.yaml params; tests/contracts/test_stage_deps.py checks they agree).

@@ -18,8 +18,8 @@ from pathlib import Path
 from pipeline.core import artifacts
 from pipeline.core.errors import UserError
 from pipeline.core.io import atomic_dir, write_bytes, write_text
-from pipeline.params.config import Config
-from pipeline.params.stage_params import StageParams
+from pipeline.core.params.config import Config
+from pipeline.core.params.stage_params import StageParams
 from pipeline.report.fragments import FIGURE_DIR, build_fragments
 from pipeline.report.inputs import load_inputs
 from pipeline.report.render import choose_renderer, describe, external_resources, render

@@ -12,13 +12,13 @@ import numpy as np
 
 from pipeline.core import artifacts
 from pipeline.core.errors import UserError
+from pipeline.core.params.config import Config
+from pipeline.core.params.limits import check_max_len
+from pipeline.core.params.stage_params import StageParams
+from pipeline.core.plan.record import ModelRecord
 from pipeline.core.runinfo import stage_record
 from pipeline.load import load_tokenizer
 from pipeline.load.corpus import load_corpus, make_windows, sample_windows, window_documents
-from pipeline.params.config import Config
-from pipeline.params.limits import check_max_len
-from pipeline.params.stage_params import StageParams
-from pipeline.plan.record import ModelRecord
 
 # The params this stage reads (its dvc.yaml params; tests/contracts/test_stage_deps.py checks they agree).
 PARAMS = ("preset", "corpus", "max_passages", "max_len", "seed")

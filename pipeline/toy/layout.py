@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from pipeline.core.params.config import PRESETS
 from pipeline.load.tokenizer import ByteTokenizer
-from pipeline.params.config import PRESETS
 
 # Tiny widths, 12 layers, a 257-token byte vocabulary (256 bytes + BOS). Two heads, d_mlp = 2 x
 # d_model and exact GELU make a training step ~30% cheaper on 2 CPU cores than 4 heads, 4 x d_model

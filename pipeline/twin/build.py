@@ -103,7 +103,7 @@ def residual_samples(snapshot: Path, tokenizer_json: str, text: str, hooks: list
 
 def build_twin(directory: Path, scale: str = "tiny", seed: int = 0) -> dict[str, Any]:
     """Write the twin's Hugging Face cache into `directory` (use it as HF_HOME); returns its manifest."""
-    from pipeline.plan.layers import pretrained_directory
+    from pipeline.core.plan.layers import pretrained_directory
 
     if scale not in SCALES:
         raise ValueError(f"scale {scale!r}; allowed: {', '.join(SCALES)}")

@@ -17,7 +17,7 @@ import yaml
 
 from tests.conftest import ROOT, make_project_copy, run_dvc
 
-REFRESH = ("refresh dvc.lock (README, The pipeline: on a fresh clone run `dvc exp run -S preset=toy`, "
+REFRESH = ("refresh dvc.lock (CONTRIBUTING.md, Refreshing dvc.lock: on a fresh clone run `dvc exp run -S preset=toy`, "
            "restore params.yaml, commit dvc.lock)")
 
 

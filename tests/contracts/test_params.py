@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from pipeline.core.errors import UserError
-from pipeline.params.config import PRESETS, load_config, parse_params
+from pipeline.core.params.config import PRESETS, load_config, parse_params
 from tests.conftest import ROOT
 
 
@@ -103,7 +103,7 @@ def test_floats_stay_finite_after_parsing():
 
 
 def test_params_yaml_lists_every_key_the_config_knows():
-    from pipeline.params.config import PARAM_SPECS
+    from pipeline.core.params.config import PARAM_SPECS
 
     committed = yaml.safe_load((ROOT / "params.yaml").read_text())
     assert list(committed) == list(PARAM_SPECS)  # same keys, same order: params.yaml is the reference

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.params.config import PARAM_SPECS, PRESET_KEYS
+from pipeline.core.params.config import PARAM_SPECS, PRESET_KEYS
 from tests.conftest import ROOT
 
 PACKAGE = ROOT / "pipeline"
@@ -85,7 +85,7 @@ def closure(roots: list[str]) -> set[str]:
 
 def stage_code(stage: str) -> set[Path]:
     """Every pipeline file `python -m pipeline <stage>` executes."""
-    roots = ["pipeline.__main__", f"pipeline.stages.{stage}", "pipeline.params.config", "pipeline.core.quiet"]
+    roots = ["pipeline.__main__", f"pipeline.stages.{stage}", "pipeline.core.params.config", "pipeline.core.quiet"]
     modules = closure(roots)
     return {MODULES[m].relative_to(ROOT) for m in modules}
 
@@ -139,8 +139,8 @@ def test_a_stages_declared_params_are_its_dvc_yaml_params(stage):
 
 
 def test_a_stage_reading_an_undeclared_param_fails_at_once():
-    from pipeline.params.config import parse_params
-    from pipeline.params.stage_params import StageParams
+    from pipeline.core.params.config import parse_params
+    from pipeline.core.params.stage_params import StageParams
 
     view = StageParams(parse_params({}), "plot", ("alpha", "plot_dpi"))
     assert view.alpha == 2.0

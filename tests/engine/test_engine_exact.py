@@ -132,7 +132,7 @@ def test_other_interventions_match_their_definition(intervention, value):
 
 
 # ---------------------------------------------------------------------------------------------
-# Metrics: the engine's numbers against a float64 reference written from design.md (the model's float32
+# Metrics: the engine's numbers against a float64 reference written from docs/method.md (the model's float32
 # forward as is, every metric in float64)
 
 

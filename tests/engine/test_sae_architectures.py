@@ -22,6 +22,8 @@ import torch
 
 from pipeline.bench.references import float64_reference, sae_lens_splice
 from pipeline.core.errors import UserError
+from pipeline.core.plan.hooks import hook_name, resume_index
+from pipeline.core.plan.layers import LayerPlan
 from pipeline.engine import forward as fwd
 from pipeline.engine.interventions import SCALE
 from pipeline.engine.metrics import density, live_positions, max_activation, variant_metrics
@@ -29,8 +31,6 @@ from pipeline.engine.run import run_layer
 from pipeline.engine.snippets import top_contexts
 from pipeline.load import library as loading
 from pipeline.load.tokenizer import ByteTokenizer
-from pipeline.plan.hooks import hook_name, resume_index
-from pipeline.plan.layers import LayerPlan
 from pipeline.sources.auto import activation_stats, choose_auto, firing_profiles
 from tests.builders import build_model, build_model_cfg, build_sae, build_tokens
 

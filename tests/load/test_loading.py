@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from pipeline.core.errors import UserError
+from pipeline.core.params.config import parse_params
+from pipeline.core.params.device import resolve_device
+from pipeline.core.plan.layers import LayerPlan, plan_layers
 from pipeline.load import library as loading
-from pipeline.params.config import parse_params
-from pipeline.params.device import resolve_device
-from pipeline.plan.layers import LayerPlan, plan_layers
 from pipeline.toy.build import new_toy_model, new_toy_sae, save_toy
 from tests.builders import build_model, build_sae, build_tokens
 

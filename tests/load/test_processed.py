@@ -130,6 +130,9 @@ def test_processed_files_give_from_pretrained_logits_on_the_hub_twin(tmp_path, m
     import huggingface_hub.constants as c
 
     from pipeline.core.artifacts import processed_dir
+    from pipeline.core.params.config import parse_params
+    from pipeline.core.plan.layers import plan_layers
+    from pipeline.core.plan.record import ModelRecord
     from pipeline.load.library import model_from_source, sae_from_source
     from pipeline.load.processed.store import (
         fast_model,
@@ -137,9 +140,6 @@ def test_processed_files_give_from_pretrained_logits_on_the_hub_twin(tmp_path, m
         hooked_model,
         write_processed,
     )
-    from pipeline.params.config import parse_params
-    from pipeline.plan.layers import plan_layers
-    from pipeline.plan.record import ModelRecord
     from pipeline.stages.model import _hub_sae_files, _sae_weights_file
     from pipeline.twin.build import RELEASE, build_twin
 

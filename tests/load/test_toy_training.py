@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
+from pipeline.core.plan.layers import LayerPlan
 from pipeline.load.library import local_model, sae_from_source
-from pipeline.plan.layers import LayerPlan
 from pipeline.toy import train
 from pipeline.toy.build import build_trained_toy
 from pipeline.toy.layout import TOY_MODEL_KWARGS, toy_sae_folder

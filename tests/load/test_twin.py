@@ -1,4 +1,5 @@
-"""The real gpt2-small path, run offline on the hub twin (`python -m pipeline twin DIR`).
+"""The real gpt2-small loaders, run offline on the hub twin (`python -m pipeline twin DIR`; the study end to
+end on it: tests/e2e/test_twin_study.py).
 
 The twin is a Hugging Face cache holding GPT-2, the res-jb SAEs and WikiText-2 in the formats the
 hub serves, with seeded random weights. Nothing is stubbed: TransformerLens converts the Hugging
@@ -9,34 +10,28 @@ overrides only. The numbers mean nothing (random weights); the code path is what
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipeline.params.config import parse_params
-from pipeline.plan.layers import plan_layers
-from pipeline.twin.build import D_SAE, RELEASE, SCALES, build_twin
+from pipeline.core.params.config import parse_params
+from pipeline.core.plan.layers import plan_layers
+from pipeline.twin.build import D_SAE, RELEASE, SCALES
 from pipeline.twin.hub_cache import repo_folder
-from tests.conftest import make_project_copy, run_cli, run_dvc
-from tests.neuronpedia_standin import FakeNeuronpedia
+from tests.conftest import run_cli
 
 CPU = torch.device("cpu")
 SAE_REPO = "jbloom/GPT2-Small-SAEs-Reformatted"
 SIZE = ["-S", "max_passages=4", "-S", "max_len=32", "-S", "features_per_layer=1"]
 
 
-@pytest.fixture(scope="module")
-def twin(tmp_path_factory) -> Path:
-    home = tmp_path_factory.mktemp("twin")
-    build_twin(home, "tiny", seed=0)
-    return home
+@pytest.fixture
+def twin(hub_twin) -> Path:
+    return hub_twin
 
 
 @pytest.fixture
@@ -204,54 +199,6 @@ def test_an_unknown_scale_is_one_line(tmp_path):
     result = run_cli(["twin", str(tmp_path / "t"), "--scale", "huge"], cwd=tmp_path)
     assert result.returncode == 2
     assert result.stderr.strip() == "error: --scale is 'huge'; allowed: tiny, full"
-
-
-# ---- the study, end to end ----------------------------------------------------------------------
-
-@pytest.mark.slow
-def test_the_gpt2_small_preset_runs_every_stage_on_the_twin(twin, tmp_path_factory):
-    """`dvc exp run` with the committed params.yaml (gpt2-small, res-jb, WikiText-2, Neuronpedia
-    features) and size overrides only, reading the twin as the Hugging Face cache, offline."""
-    project = make_project_copy(tmp_path_factory.mktemp("twin-study"))
-    server = FakeNeuronpedia(synthesize=True)
-    try:
-        result = run_dvc(["exp", "run", *SIZE], project, env=twin_env(twin, NEURONPEDIA_API_URL=server.url))
-    finally:
-        server.stop()
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    ran = {line.split("'")[1] for line in result.stdout.splitlines() if line.startswith("Running stage")}
-    assert ran == {"model", "tokenize", "features", "generate", "aggregate", "plot", "report"} | {
-        f"intervene@{i}" for i in range(12)}
-
-    manifest = json.loads((twin / "twin.json").read_text())
-    resolved = json.loads((project / "data/model.json").read_text())
-    assert resolved["availability"] == "cache" and resolved["model"]["source"] == "hub"
-    assert {e["revision"] for e in resolved["model"]["hub"]} == {manifest["repos"]["gpt2"]}
-    weights = snapshot(twin, "gpt2") / "model.safetensors"
-    assert resolved["model"]["hub"][1]["blob"] == Path(os.path.realpath(weights)).name
-    assert [e["sae_id"] for e in resolved["layers"]] == [f"blocks.{i}.hook_resid_pre" for i in range(1, 12)] + [
-        "blocks.11.hook_resid_post"]
-    assert {h["revision"] for e in resolved["layers"] for h in e["hub"]} == {manifest["repos"][SAE_REPO]}
-
-    meta = json.loads((project / "data/tokens.json").read_text())
-    assert meta["corpus"] == "wikitext-2" and meta["source"].startswith("hf datasets Salesforce/wikitext")
-    tokens = np.load(project / "data/tokens.npy")
-    assert tokens.shape == (4, 32) and (tokens[:, 0] == SCALES["tiny"].vocab_size - 1).all()
-    # the twin's WikiText has many ` = Title = ` articles; each passage records the one it was cut from
-    assert meta["n_documents"] > 10 and len(meta["passage_documents"]) == 4
-    assert all(0 <= d < meta["n_documents"] for d in meta["passage_documents"])
-
-    features = pd.read_csv(project / "data/features.csv")
-    assert list(features["layer"]) == list(range(12)) and (features["source"] == "neuronpedia").all()
-    assert features["neuronpedia_url"].str.startswith("https://www.neuronpedia.org/gpt2-small/").all()
-
-    per_feature = pd.read_csv(project / "metrics/per_feature_metrics.csv")
-    assert len(per_feature) == 12 * 5
-    identity = per_feature[per_feature["alpha"] == 1.0]
-    assert (identity["delta_ce"] == 0).all() and (identity["kl"] == 0).all()
-    summary = json.loads((project / "metrics/summary.json").read_text())
-    assert summary["n_features"] == 12 and summary["sanity"]["identity_rows_nonzero"] == 0
-    assert "data:image/png;base64," in (project / "report/report.html").read_text()
 
 
 def test_no_stage_knows_about_the_twin():

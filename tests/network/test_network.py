@@ -14,11 +14,11 @@ import pandas as pd
 import pytest
 import torch
 
+from pipeline.core.params.config import parse_params
+from pipeline.core.plan.layers import plan_layers
 from pipeline.engine import forward as fwd
 from pipeline.engine.interventions import SCALE
 from pipeline.load.library import model_from_source, sae_from_source, sae_model_kwargs
-from pipeline.params.config import parse_params
-from pipeline.plan.layers import plan_layers
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.network

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 from pipeline.core.errors import UserError
-from pipeline.params.config import parse_params
-from pipeline.plan.hooks import same_tensor
-from pipeline.plan.layers import plan_layers, pretrained_directory
+from pipeline.core.params.config import parse_params
+from pipeline.core.plan.hooks import same_tensor
+from pipeline.core.plan.layers import plan_layers, pretrained_directory
 
 
 def test_our_reading_of_the_directory_equals_sae_lens_own():

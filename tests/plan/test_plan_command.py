@@ -7,11 +7,11 @@ import math
 
 import pytest
 
+from pipeline.core.params.config import parse_params
+from pipeline.core.plan.show import forward_passes
 from pipeline.engine.controls import random_unit_directions
 from pipeline.engine.interventions import INTERVENTIONS
 from pipeline.engine.run import run_layer
-from pipeline.params.config import parse_params
-from pipeline.plan.show import forward_passes
 from tests.builders import build_model, build_sae, build_tokens
 
 CONFIGS = {

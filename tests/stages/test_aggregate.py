@@ -14,7 +14,7 @@ from pipeline.core import artifacts, columns
 from pipeline.core.columns import PER_FEATURE_COLUMNS
 from pipeline.core.errors import UserError
 from pipeline.core.io import read_json, write_csv
-from pipeline.params.config import parse_params
+from pipeline.core.params.config import parse_params
 from pipeline.stages.aggregate import (
     KL_TOLERANCE,
     add_study_tests,

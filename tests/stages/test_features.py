@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from pipeline.core.errors import UserError
+from pipeline.core.plan.layers import LayerPlan
 from pipeline.load.tokenizer import ByteTokenizer
-from pipeline.plan.layers import LayerPlan
 from pipeline.sources.auto import activation_stats, choose_layer, firing_profiles, shortlist
 from pipeline.sources.csv_file import read_curated_csv
 from tests.builders import build_model, build_sae, build_tokens

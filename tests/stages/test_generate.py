@@ -13,8 +13,8 @@ import pytest
 from pipeline.core import artifacts, columns
 from pipeline.core.errors import UserError
 from pipeline.core.io import read_json, write_csv
+from pipeline.core.params.config import parse_params
 from pipeline.engine.generation_metrics import MEASURES, distinct_n, per_row, repetition, summary_row
-from pipeline.params.config import parse_params
 from tests.conftest import ROOT, run_cli
 
 LAYERS = [0, 11]
@@ -92,7 +92,7 @@ def test_generate_alphas_default_to_the_sweep_as_written_without_the_identity():
 
 
 def test_a_stage_reading_generate_alphas_must_declare_what_resolves_it():
-    from pipeline.params.stage_params import StageParams
+    from pipeline.core.params.stage_params import StageParams
 
     view = StageParams(parse_params({}), "generate", ("generate_alphas",))
     with pytest.raises(AttributeError, match="alpha_sweep"):

@@ -21,9 +21,9 @@ import pytest
 
 from pipeline.core.artifacts import DOCUMENTED_FEATURES
 from pipeline.core.errors import UserError
-from pipeline.params.config import parse_params
-from pipeline.plan.layers import plan_layers
-from pipeline.plan.record import ModelRecord
+from pipeline.core.params.config import parse_params
+from pipeline.core.plan.layers import plan_layers
+from pipeline.core.plan.record import ModelRecord
 from pipeline.sources.neuronpedia import (
     MIN_EXPLANATION_SCORE,
     candidates,

@@ -22,7 +22,7 @@ from pipeline.core.artifacts import PER_FEATURE as PER_FEATURE_CSV
 from pipeline.core.errors import UserError
 from pipeline.core.io import write_csv
 from pipeline.core.modes import MODES
-from pipeline.params.config import parse_params
+from pipeline.core.params.config import parse_params
 from pipeline.stages import plot
 
 SWEEP = [0.0, 1.0, 2.0, 4.0]

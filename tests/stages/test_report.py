@@ -19,7 +19,7 @@ import pytest
 
 from pipeline.core import artifacts
 from pipeline.core.errors import UserError
-from pipeline.params.config import parse_params
+from pipeline.core.params.config import parse_params
 from pipeline.report.render import front_matter, html_options, pandoc_command, quarto_command, resolve_includes
 from pipeline.report.text import token_html, token_literal
 from tests.conftest import REPORT_STAGE_RESULT, ROOT, TOY_STUDY_PARAMS, copy_of_toy_study

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
+from pipeline.core.params.config import parse_params
 from pipeline.load.corpus import heading_starts, window_documents
-from pipeline.params.config import parse_params
 from pipeline.stats.random_directions import compare_to_random, required_spreads
 from pipeline.stats.resampling import (
     FWER,

@@ -53,6 +53,7 @@ class ProcessedSAE:
         architecture = self.architecture
         self.cfg = SimpleNamespace(
             architecture=lambda: architecture, apply_b_dec_to_input=self.apply_b_dec_to_input,
+            d_in=int(self.W_enc.shape[0]), d_sae=int(self.W_enc.shape[1]),
             normalize_activations=cfg.get("normalize_activations") or "none",
             reshape_activations=cfg.get("reshape_activations", "none"), rescale_acts_by_decoder_norm=False,
             metadata=SimpleNamespace(hook_name=cfg.get("hook_name"), context_size=cfg.get("context_size")))

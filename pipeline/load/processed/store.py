@@ -34,8 +34,8 @@ from pipeline.load.processed import model as pmodel
 from pipeline.load.processed import sae as psae
 
 if TYPE_CHECKING:
-    from pipeline.plan.layers import LayerPlan
-    from pipeline.plan.record import ModelRecord
+    from pipeline.core.plan.layers import LayerPlan
+    from pipeline.core.plan.record import ModelRecord
 
 CONFIG, WEIGHTS, SAES = "config.json", "model.safetensors", "saes.json"
 SAE_WEIGHTS = "sae_weights.safetensors"  # SAE-Lens's file name in a save_model folder or a hub repo

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pipeline.params.config import DERIVED_KEYS, PARAM_SPECS, Config
+from pipeline.core.params.config import DERIVED_KEYS, PARAM_SPECS, Config
 
 
 class StageParams:

@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from pipeline.core.errors import UserError
-from pipeline.params.config import DEVICE_RE
+from pipeline.core.params.config import DEVICE_RE
 
 if TYPE_CHECKING:
     import torch

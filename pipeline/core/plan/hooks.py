@@ -1,7 +1,7 @@
 """Hook names and the layer plan record: which tensor a hook carries, and where one layer's
 intervention happens. Plain data and string rules, no library imports, so the model record
 (pipeline.core.artifacts) and the loaders can use them without pulling in the plan's resolution
-(pipeline.plan.layers, which reads SAE-Lens's pretrained directory).
+(pipeline.core.plan.layers, which reads SAE-Lens's pretrained directory).
 
 TransformerLens's `blocks.L.hook_resid_post` is the same tensor as `blocks.(L+1).hook_resid_pre`.
 """

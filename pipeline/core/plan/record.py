@@ -13,7 +13,7 @@ from typing import Any
 from pipeline.core.artifacts import MODEL_JSON
 from pipeline.core.errors import UserError
 from pipeline.core.io import read_json, write_json
-from pipeline.plan.layers import LayerPlan
+from pipeline.core.plan.layers import LayerPlan
 
 
 @dataclass(frozen=True)

@@ -26,9 +26,9 @@ from typing import Any
 import yaml
 
 from pipeline.core.errors import UserError
-from pipeline.params.config import Config
-from pipeline.params.limits import check_layers_in_range
-from pipeline.plan.hooks import hook_name, resume_index
+from pipeline.core.params.config import Config
+from pipeline.core.params.limits import check_layers_in_range
+from pipeline.core.plan.hooks import hook_name, resume_index
 
 NEURONPEDIA_SITE = "https://www.neuronpedia.org"
 

@@ -6,7 +6,7 @@ again, so a stage run on its own fails just as early. Pure functions of numbers:
 from __future__ import annotations
 
 from pipeline.core.errors import UserError
-from pipeline.params.config import Config
+from pipeline.core.params.config import Config
 
 
 def check_max_len(config: Config, n_ctx: int) -> None:

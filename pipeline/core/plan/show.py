@@ -6,8 +6,8 @@ import math
 from typing import Any
 
 from pipeline.core.modes import MODES
-from pipeline.params.config import Config
-from pipeline.plan.layers import model_from_pretrained_kwargs, plan_layers
+from pipeline.core.params.config import Config
+from pipeline.core.plan.layers import model_from_pretrained_kwargs, plan_layers
 
 
 def forward_passes(config: Config) -> dict[str, int]:
