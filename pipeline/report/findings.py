@@ -73,7 +73,7 @@ def clean_ce_check(clean: dict[str, Any]) -> Check:
 
 def sanity_checks(inputs: ReportInputs) -> list[Check]:
     """The checks aggregate computed (metrics/summary_details.json's `sanity`), worded."""
-    checks = inputs.details["sanity"]
+    checks = inputs.summary_details["sanity"]
     return [identity_check(checks["identity"], inputs.intervention), kl_check(checks["kl"]),
             nan_check(checks["nan"]), clean_ce_check(checks["clean_ce"])]
 

@@ -36,7 +36,7 @@ class ReportInputs:
     features: pd.DataFrame  # data/features.csv, the studied layers only
     per_feature: pd.DataFrame  # metrics/per_feature_metrics.csv, every alpha
     summary: dict[str, Any]  # metrics/summary.json
-    details: dict[str, Any]  # metrics/summary_details.json: per layer, generation, sanity checks
+    summary_details: dict[str, Any]  # metrics/summary_details.json: per layer, generation, sanity checks
     details: dict[int, dict[str, Any]]  # data/detail/layer_L.json
     runs: dict[str, dict[str, Any]]  # data/runs/<stage>.json, those that exist
     figures: dict[str, Path]  # "headline", "dce_vs_alpha", "kl_vs_alpha", "kl_heatmap" -> PNG
@@ -66,7 +66,7 @@ def load_inputs(config: Config) -> ReportInputs:
     features = artifacts.read_features()
     per_feature = artifacts.read_per_feature()
     summary = read_json(artifacts.need(artifacts.SUMMARY, "aggregate"))
-    details = read_json(artifacts.need(artifacts.SUMMARY_DETAILS, "aggregate"))
+    summary_details = read_json(artifacts.need(artifacts.SUMMARY_DETAILS, "aggregate"))
 
     have_layers = sorted(int(x) for x in per_feature["layer"].unique())
     if have_layers != sorted(config.layers):
@@ -97,7 +97,7 @@ def load_inputs(config: Config) -> ReportInputs:
 
     return ReportInputs(alpha=config.alpha, layers=tuple(config.layers), live_percentile=config.live_percentile,
                         model=model, tokens=tokens, features=features, per_feature=per_feature, summary=summary,
-                        details=details, runs=runs, figures=figures)
+                        summary_details=summary_details, details=details, runs=runs, figures=figures)
 
 
 def git_revision(cwd: Path | None = None) -> str | None:
