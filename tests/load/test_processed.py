@@ -123,7 +123,7 @@ def test_other_architectures_are_left_to_sae_lens():
 
 # ---- the model stage's files on the hub twin ----------------------------------------------------
 
-def test_processed_files_give_from_pretrained_logits_on_the_hub_twin(tmp_path, monkeypatch):
+def test_processed_files_give_from_pretrained_logits_on_the_hub_twin(hub_twin, tmp_path, monkeypatch):
     """The model stage's processed GPT-2 (HookedTransformer and ProcessedTransformer) against
     HookedTransformer.from_pretrained with the release's kwargs: bit-identical logits; the SAEs'
     tensors are read from the cached SAE-Lens files themselves."""
@@ -134,17 +134,16 @@ def test_processed_files_give_from_pretrained_logits_on_the_hub_twin(tmp_path, m
     from pipeline.core.plan.layers import plan_layers
     from pipeline.core.plan.record import ModelRecord
     from pipeline.load.library import model_from_source, sae_from_source
+    from pipeline.load.prepare import _hub_sae_files, _sae_weights_file
     from pipeline.load.processed.store import (
         fast_model,
         fast_sae,
         hooked_model,
         write_processed,
     )
-    from pipeline.stages.model import _hub_sae_files, _sae_weights_file
-    from pipeline.twin.build import RELEASE, build_twin
+    from pipeline.twin.build import RELEASE
 
-    home = tmp_path / "twin"
-    build_twin(home, "tiny", seed=0)
+    home = hub_twin
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(c, "HF_HUB_CACHE", str(home / "hub"))
     monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
