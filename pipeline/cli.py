@@ -231,3 +231,5 @@ def twin(
         manifest = build_twin(directory, scale, seed)
     typer.echo(f"twin: {scale} scale, repos {', '.join(manifest['repos'])} -> {directory} "
                f"(use HF_HOME={directory} HF_HUB_OFFLINE=1)")
+    for repo_id, why in manifest.get("not_built", {}).items():
+        typer.echo(f"twin: {repo_id} {why}")

@@ -7,6 +7,11 @@ with no network:
 - `gpt2` (pipeline.twin.gpt2): config, weights under the real key names, a GPT-2-format BPE tokenizer;
 - `jbloom/GPT2-Small-SAEs-Reformatted` (pipeline.twin.saes): one folder per SAE id of
   `gpt2-small-res-jb`, legacy cfg.json, weights and sparsity;
+- `jbloom/GPT2-Small-OAI-v5-32k-resid-post-SAEs` (pipeline.twin.oai_saes): OpenAI's TopK SAEs
+  (release `gpt2-small-resid-post-v5-32k`), cfg.json as SAE-Lens 3.x wrote it, layer-norm input;
+- `google/gemma-2-2b` (pipeline.twin.gemma2) and `google/gemma-scope-2b-pt-res`
+  (pipeline.twin.gemma_scope): Gemma-2's architecture with a Gemma-format tokenizer, and the
+  params.npz of every `layer_N/width_16k/canonical` SAE (tiny scale only; pipeline.twin.families);
 - `Salesforce/wikitext` (pipeline.twin.wikitext): `wikitext-2-raw-v1` as parquet, with articles
   under ` = Title = ` headings. The text is CPython's reference documentation (`pydoc_data`), one
   topic an article: English prose and code, available offline.
@@ -14,7 +19,10 @@ with no network:
 Scales: `tiny` has GPT-2's architecture at width 64 and a 2,048-token vocabulary, but the
 release's d_sae (24,576), so real feature indices stay valid (seconds to build, ~210 MB);
 `full` has GPT-2 Small's true shapes (d_model 768, vocab 50,257, SAEs 768 x 24,576; ~2.5 GB),
-for measuring time and memory. Both test splits hold enough text for the default study's 200
+for measuring time and memory. The OpenAI SAEs have d_sae 4,096 at tiny scale (k = 32, the
+release's) and 32,768 at full. Gemma Scope's loader fixes its SAEs at 2,304 x 16,384, so the tiny
+Gemma-2 keeps d_model 2,304 (26 layers, everything else small; ~55 MB) and the SAEs their true
+shapes, stored sparsely (~1.4 MB each); `full` does not build Gemma (~18 GB). Both test splits hold enough text for the default study's 200
 passages of 256 tokens.
 
 Everything is seeded random: the twin proves the code path, not the science. Nothing else in
@@ -30,7 +38,7 @@ from typing import Any
 
 import torch
 
-from pipeline.twin import gpt2, saes, wikitext
+from pipeline.twin import families, gpt2, saes, wikitext
 from pipeline.twin.hub_cache import CachedRepo
 
 RELEASE = "gpt2-small-res-jb"
@@ -40,6 +48,9 @@ SCALES = {
     "full": gpt2.GPT2Shape(n_layer=12, n_embd=768, n_head=12, n_positions=1024, vocab_size=50257),
 }
 D_SAE = 24576  # the release's, at both scales
+OAI_RELEASE = "gpt2-small-resid-post-v5-32k"
+OAI_D_SAE = {"tiny": 4096, "full": 32768}
+GEMMA_SCOPE_RELEASE = "gemma-scope-2b-pt-res-canonical"
 SAMPLE_PASSAGES, SAMPLE_LEN = 8, 128  # residuals the SAEs are calibrated on
 SPLIT_SHARES = {"train": 0.15, "validation": 0.05, "test": 0.80}  # of the articles; test is the study's
 LEARNED_VOCAB = 8192  # BPE entries learned from the corpus at most; the rest of the vocab is unused
@@ -120,11 +131,21 @@ def build_twin(directory: Path, scale: str = "tiny", seed: int = 0) -> dict[str,
         model_repo.add(path, content)
     snapshot = model_repo.write(directory)
 
-    resid = residual_samples(snapshot, tokenizer.tokenizer_json, "".join(splits["test"]), sorted(release.saes_map))
+    oai = pretrained_directory()[OAI_RELEASE]
+    resid = residual_samples(snapshot, tokenizer.tokenizer_json, "".join(splits["test"]),
+                             sorted(set(release.saes_map) | set(oai.saes_map)))  # one forward for both releases
     sae_repo = CachedRepo(release.repo_id)
     for path, content in saes.repo_files(release.saes_map, resid, D_SAE, MODEL_NAME, seed).items():
         sae_repo.add(path, content)
     sae_repo.write(directory)
+
+    repos = families.write_oai_saes(directory, oai, resid, OAI_D_SAE[scale], seed)
+    not_built = {}
+    if scale == "tiny":
+        repos |= families.write_gemma(directory, pretrained_directory()[GEMMA_SCOPE_RELEASE], corpus_text,
+                                      "".join(splits["test"]), seed)
+    else:
+        not_built = dict.fromkeys(("google/gemma-2-2b", "google/gemma-scope-2b-pt-res"), families.FULL_SCALE_GEMMA)
 
     data = wikitext.write_wikitext(directory, splits)
     manifest = {
@@ -135,8 +156,12 @@ def build_twin(directory: Path, scale: str = "tiny", seed: int = 0) -> dict[str,
         "repos": {
             gpt2.REPO_ID: model_repo.commit(),
             release.repo_id: sae_repo.commit(),
+            **repos,
             data["repo_id"]: data["commit"],
         },
+        "not_built": not_built,
+        "oai_d_sae": OAI_D_SAE[scale],
+        "gemma_shape": vars(families.TINY_GEMMA) if scale == "tiny" else None,
         "wikitext_rows": {name: len(rows) for name, rows in splits.items()},
     }
     (directory / "twin.json").write_text(json.dumps(manifest, indent=2) + "\n")
