@@ -46,7 +46,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from pipeline.errors import UserError
+from pipeline.core.errors import UserError
 
 SCALED = ("none", "layer_norm", "constant_norm_rescale")
 _UNFOLDED = {

@@ -7,7 +7,7 @@ model.safetensors.index.json and the shards it names, generation_config.json) an
 written). TransformerLens 3.9 reads the weights and tokenizer through those same calls, but NOT the
 config: `HookedTransformer.from_pretrained("gemma-2-2b")` takes Gemma-2-2B's shapes from a table in
 its own source (`transformer_lens/loading_from_pretrained.py`, `convert_hf_model_config`), so it
-loads only a twin with the true shapes; `pipeline.gemma2_config` builds the same TransformerLens
+loads only a twin with the true shapes; `pipeline.load.gemma2_config` builds the same TransformerLens
 config from config.json instead (equal to that table for the real config.json).
 
 - config.json: the real repo's keys (transformers 4.42.4's `Gemma2Config`: rotary positions,

@@ -15,7 +15,7 @@ CRC-32 of the tail arithmetically:
 - CRC-32: appending n zero bytes is linear in the CRC register, so it is one 32x32 matrix over GF(2)
   raised to the n-th power by squaring (zlib's crc32_combine does the same).
 
-`tests/test_sae_families.py` checks the bytes against `np.savez_compressed` read back, on random heads.
+`tests/load/test_sae_families.py` checks the bytes against `np.savez_compressed` read back, on random heads.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ a table in its source (`transformer_lens/loading_from_pretrained.py`, `convert_h
 `google/gemma-2-2b` branch), then loads the weights with transformers from the repo. For the real
 repo that is the same thing; for any other shape (the hub twin's small Gemma-2) the weights do not
 fit the table. `hooked_config_dict` builds the table's entries from config.json instead
-(tests/test_sae_families.py: equal to TransformerLens's table for the real config.json), and
+(tests/load/test_sae_families.py: equal to TransformerLens's table for the real config.json), and
 `from_pretrained_reading_config` is `HookedTransformer.from_pretrained` with that one substitution:
 the same state-dict conversion (`get_pretrained_state_dict`, i.e. transformers'
 `AutoModelForCausalLM.from_pretrained` and TransformerLens's `convert_gemma_weights`), the same
@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from pipeline.errors import UserError
+from pipeline.core.errors import UserError
 
 ARCHITECTURE = "Gemma2ForCausalLM"
 

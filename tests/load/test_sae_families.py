@@ -13,8 +13,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from pipeline.core.errors import UserError
 from pipeline.engine.normalization import position_scale
-from pipeline.errors import UserError
 
 HOOK = "blocks.1.hook_resid_post"
 D_MODEL, D_SAE = 32, 96
@@ -325,7 +325,7 @@ def test_oai_splice_on_the_twins_gpt2_moves_the_residual_by_c_s_d():
 
 
 def test_every_canonical_width_16k_gemma_scope_sae_is_in_the_twin(twin):
-    from pipeline.layer_plan import pretrained_directory
+    from pipeline.core.plan.layers import pretrained_directory
     from pipeline.twin.gemma_scope import width_16k_ids
 
     ids = width_16k_ids(pretrained_directory()[SCOPE].saes_map)
@@ -340,7 +340,7 @@ def test_gemma_scope_loads_from_the_twin_equal_to_its_params_npz(offline_twin):
     from sae_lens import SAE
 
     sae = SAE.from_pretrained(SCOPE, "layer_3/width_16k/canonical", device="cpu")
-    from pipeline.layer_plan import pretrained_directory
+    from pipeline.core.plan.layers import pretrained_directory
 
     folder = pretrained_directory()[SCOPE].saes_map["layer_3/width_16k/canonical"]
     with np.load(snapshot(offline_twin, "google/gemma-scope-2b-pt-res") / folder / "params.npz") as params:
@@ -361,7 +361,7 @@ def test_transformer_lens_gemma2_config_from_config_json_is_its_own_table_for_th
     TransformerLens hard-codes for `gemma-2-2b` (which it builds without reading any file)."""
     from transformer_lens.loading_from_pretrained import convert_hf_model_config
 
-    from pipeline.gemma2_config import hooked_config_dict
+    from pipeline.load.gemma2_config import hooked_config_dict
     from pipeline.twin.gemma2 import Gemma2Shape, config_json
 
     real = config_json(Gemma2Shape(n_layers=26, d_model=2304, n_heads=8, n_kv_heads=4, d_head=256, d_mlp=9216,
@@ -380,7 +380,7 @@ def gemma_models(twin):
     import huggingface_hub.constants as c
     from transformers import Gemma2ForCausalLM
 
-    from pipeline.gemma2_config import from_pretrained_reading_config
+    from pipeline.load.gemma2_config import from_pretrained_reading_config
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("HF_HUB_OFFLINE", "1")
@@ -435,7 +435,7 @@ def test_reading_the_config_is_transformer_lens_from_pretrained_given_that_confi
     from transformer_lens import HookedTransformer
     from transformer_lens import loading_from_pretrained as loading
 
-    from pipeline.gemma2_config import hooked_config_dict
+    from pipeline.load.gemma2_config import hooked_config_dict
 
     ours = gemma_models[0]
     hf_config = json.loads((snapshot(twin, "google/gemma-2-2b") / "config.json").read_text())
@@ -477,7 +477,7 @@ def test_the_gemma_tokenizer_holds_the_default_studys_passages():
     """200 windows of 255 tokens (max_len 256 less BOS) from the test split, at Gemma's tokenizer."""
     from tokenizers import Tokenizer
 
-    from pipeline.config import parse_params
+    from pipeline.core.params.config import parse_params
     from pipeline.twin import build, families, gemma2, wikitext
 
     splits = {name: wikitext.wikitext_rows(items) for name, items in build.split_articles(build.articles()).items()}
