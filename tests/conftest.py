@@ -165,3 +165,19 @@ def hub_twin(tmp_path_factory) -> Path:
     home = tmp_path_factory.mktemp("twin")
     build_twin(home, "tiny", seed=0)
     return home
+
+
+@pytest.fixture
+def twin(hub_twin) -> Path:
+    return hub_twin
+
+
+@pytest.fixture
+def offline_twin(hub_twin, monkeypatch):
+    """This process reads the session's hub twin as its Hugging Face cache, offline."""
+    import huggingface_hub.constants as c
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(c, "HF_HUB_CACHE", str(hub_twin / "hub"))
+    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
+    return hub_twin

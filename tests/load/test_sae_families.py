@@ -228,26 +228,6 @@ OAI = "gpt2-small-resid-post-v5-32k"
 SCOPE = "gemma-scope-2b-pt-res-canonical"
 
 
-@pytest.fixture(scope="module")
-def twin(tmp_path_factory):
-    from pipeline.twin.build import build_twin
-
-    home = tmp_path_factory.mktemp("twin")
-    build_twin(home, "tiny", seed=0)
-    return home
-
-
-@pytest.fixture
-def offline_twin(twin, monkeypatch):
-    """This process reads the twin as its Hugging Face cache, offline (as tests/test_twin.py)."""
-    import huggingface_hub.constants as c
-
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(c, "HF_HUB_CACHE", str(twin / "hub"))
-    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
-    return twin
-
-
 def snapshot(twin, repo_id: str):
     from pipeline.twin.hub_cache import repo_folder
 

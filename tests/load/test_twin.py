@@ -29,22 +29,6 @@ SAE_REPO = "jbloom/GPT2-Small-SAEs-Reformatted"
 SIZE = ["-S", "max_passages=4", "-S", "max_len=32", "-S", "features_per_layer=1"]
 
 
-@pytest.fixture
-def twin(hub_twin) -> Path:
-    return hub_twin
-
-
-@pytest.fixture
-def offline_twin(twin, monkeypatch):
-    """This process reads the twin as its Hugging Face cache, offline."""
-    import huggingface_hub.constants as c
-
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(c, "HF_HUB_CACHE", str(twin / "hub"))
-    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
-    return twin
-
-
 def snapshot(twin: Path, repo_id: str) -> Path:
     root = twin / "hub" / repo_folder(repo_id)
     return root / "snapshots" / (root / "refs" / "main").read_text()
