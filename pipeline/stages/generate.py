@@ -11,7 +11,9 @@ clean_readout) and pipeline.engine.generation_metrics measures it.
 Writes metrics/generation.csv (one row per layer, feature, alpha and decoding), data/generations.json
 (the texts, token by token, with the feature's activation at each generated token) and
 data/runs/generate.json. One stage for all layers: the model loads once, each layer's SAE in turn,
-and the work per layer is small (a process start alone costs seconds).
+and the work per layer is small (a process start alone costs seconds). It runs in shards of layers,
+in this process or on a cluster as the environment says (pipeline/shards/generate.py,
+pipeline/executor, docs/cluster.md); any number of shards writes the same bytes.
 """
 
 from __future__ import annotations
@@ -21,7 +23,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from tqdm import tqdm
 
 from pipeline import artifacts
 from pipeline.artifacts import ModelRecord
@@ -33,8 +34,7 @@ from pipeline.engine.interventions import INTERVENTIONS
 from pipeline.engine.snippets import CONTEXT_CHARS_BEFORE, direct_logit_effect, top_contexts
 from pipeline.errors import UserError
 from pipeline.io import write_json
-from pipeline.loading import load_study_model, load_study_sae, resolve_device
-from pipeline.runinfo import device_description, stage_record
+from pipeline.runinfo import stage_record
 from pipeline.stage_params import StageParams
 from pipeline.tokenizer import Tokenizer, study_tokenizer
 
@@ -173,27 +173,33 @@ def run_generate_stage(config: Config | StageParams) -> pd.DataFrame:
         raise UserError(f"params.yaml: generate_alphas is empty (alpha_sweep {list(config.alpha_sweep)} holds only "
                         f"the {config.intervention} identity); set generate_alphas, e.g. [0, 4]")
     model_record = ModelRecord.read()
-    plans = [model_record.layer(layer).plan() for layer in config.layers]
+    for layer in config.layers:
+        model_record.layer(layer)  # a layer missing from data/model.json is one line, before anything runs
     features = artifacts.read_features(config.layers)
-    tokens = artifacts.read_tokens()
+    for layer in config.layers:
+        if not (features["layer"] == layer).any():
+            raise UserError(f"{artifacts.FEATURES} has no features for layer {layer}; rerun the features stage")
+    artifacts.need(artifacts.TOKENS, "tokenize")
 
     with stage_record("generate", layers=list(config.layers)) as record:
         tokenizer = study_tokenizer(model_record)
-        neutral = prompt_ids(config, tokenizer, model_record.model.n_ctx)  # refused before anything loads
-        device = resolve_device(config.device)
-        record["device"] = device_description(device)
-        model = load_study_model(model_record, device, config.dtype)
-        tables, details = [], []
-        with tqdm(desc="generate", unit="row", disable=None, leave=False) as bar:
-            for plan in plans:
-                layer_features = features[features["layer"] == plan.layer]["feature"].astype(int).tolist()
-                if not layer_features:
-                    raise UserError(f"{artifacts.FEATURES} has no features for layer {plan.layer}; rerun the features stage")
-                sae = load_study_sae(model_record, plan.layer, device, config.dtype)
-                table, detail = run_layer_generation(model, sae, plan, layer_features, tokens, neutral, config,
-                                                     tokenizer, bar)
-                tables += table
-                details.append(detail)
+        prompt_ids(config, tokenizer, model_record.model.n_ctx)  # refused before anything loads
+        # ---- the work, in shards of layers (pipeline/shards/generate.py) where the executor says ----------------
+        from pipeline.executor import ShardWork, run_shards, settings_from_env, split_evenly, stage_fingerprint
+        from pipeline.shards import generate as sharded
+
+        settings = settings_from_env()
+        layers = list(config.layers)
+        work = ShardWork(
+            stage="generate", fn=sharded.layer_block, inputs=sharded.GenerateInputs(config.for_checks()),
+            specs=[{"layers": layers[block.start:block.stop]} for block in split_evenly(len(layers), settings.shards)],
+            fingerprint="" if settings.executor == "local" else stage_fingerprint(
+                "generate", {key: getattr(config, key) for key in PARAMS},
+                [artifacts.MODEL_JSON, artifacts.preset_dir(model_record.preset), artifacts.TOKENS, artifacts.FEATURES]))
+        run = run_shards(work, settings)
+        tables, details, record["device"] = sharded.merge(run.results)
+        record["executor"] = run.how
+        # ---- end of the sharded work ---------------------------------------------------------------------------
         frame = pd.DataFrame(tables)[artifacts.GENERATION_COLUMNS]
         n_rows = sum(len(d["rows"]) for d in details)
         record["continuations"] = n_rows

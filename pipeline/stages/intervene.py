@@ -6,6 +6,10 @@ pipeline.engine.inference) and data/detail/layer_L.json (per feature: top promot
 tokens per alpha, the direct logit effect, and snippets: top-activating contexts with clean vs
 intervened predictions at `alpha`). A NaN or infinite metric that the definitions do not allow
 stops the stage before anything is written.
+
+The work runs in shards of features, in this process or on a cluster as the environment says
+(pipeline/shards/intervene.py, pipeline/executor, docs/cluster.md); any number of shards writes the
+same bytes.
 """
 
 from __future__ import annotations
@@ -17,25 +21,21 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from tqdm import tqdm
 
 from pipeline import artifacts
 from pipeline.artifacts import ModelRecord
 from pipeline.config import Config
-from pipeline.engine.controls import random_unit_directions
 from pipeline.engine.forward import FeatureEncoder
 from pipeline.engine.inference import nan_allowed, row_inference
-from pipeline.engine.interventions import INTERVENTIONS, Intervention
+from pipeline.engine.interventions import Intervention
 from pipeline.engine.metrics import density, max_activation, top_tokens, variant_metrics
 from pipeline.engine.resampling import Resampler
-from pipeline.engine.run import LayerResult, run_layer
+from pipeline.engine.run import LayerResult
 from pipeline.engine.snippets import direct_logit_effect, feature_snippets
 from pipeline.errors import NonFiniteMetricError, UserError
 from pipeline.io import write_csv, write_json
-from pipeline.loading import load_study_model_fast, load_study_sae_fast, resolve_device
-from pipeline.runinfo import device_description, stage_record
+from pipeline.runinfo import stage_record
 from pipeline.stage_params import StageParams
-from pipeline.tokenizer import study_tokenizer
 
 # The params this stage reads (its dvc.yaml params; tests/test_stage_deps.py checks they agree).
 PARAMS = ("alpha", "alpha_sweep", "intervention", "live_percentile", "top_k_tokens", "n_snippets", "control_draws",
@@ -108,7 +108,7 @@ def sae_context_size(sae) -> int | None:
 def run_intervene_stage(config: Config | StageParams, layer: int) -> pd.DataFrame:
     config = StageParams.of(config, "intervene", PARAMS)
     model_record = ModelRecord.read()
-    plan = model_record.layer(layer).plan()
+    model_record.layer(layer)  # a layer missing from data/model.json is one line, before anything runs
     features = artifacts.read_features([layer])["feature"].astype(int).tolist()
     if not features:
         raise UserError(f"{artifacts.FEATURES} has no features for layer {layer}; rerun the features stage")
@@ -116,32 +116,28 @@ def run_intervene_stage(config: Config | StageParams, layer: int) -> pd.DataFram
     documents = artifacts.read_tokens_meta().get("passage_documents")
     if documents is None or len(documents) != len(tokens):
         raise UserError(f"{artifacts.TOKENS_META} records no document per passage; rerun the tokenize stage")
-    intervention = INTERVENTIONS[config.intervention]
-    values = list(config.alpha_sweep)
+    # ---- the work, in shards of features (pipeline/shards/intervene.py) where the executor says --------------
+    from pipeline.executor import ShardWork, run_shards, settings_from_env, split_evenly, stage_fingerprint
+    from pipeline.shards import intervene as sharded
 
+    settings = settings_from_env()
+    blocks = split_evenly(len(features), settings.shards)
+    work = ShardWork(
+        stage=f"intervene@{layer}", fn=sharded.feature_block, inputs=sharded.LayerInputs(config.for_checks(), layer),
+        specs=[{"layer": layer, "features": list(block)} for block in blocks],
+        fingerprint="" if settings.executor == "local" else stage_fingerprint(
+            f"intervene@{layer}", {key: getattr(config, key) for key in PARAMS},
+            [artifacts.MODEL_JSON, artifacts.preset_dir(model_record.preset), artifacts.TOKENS,
+             artifacts.TOKENS_META, artifacts.FEATURES]))
     with stage_record(f"intervene_{layer}", layer=layer) as record:
-        device = resolve_device(config.device)
-        record["device"] = device_description(device)
-        model = load_study_model_fast(model_record, device, config.dtype)
-        sae = load_study_sae_fast(model_record, layer, device, config.dtype)
-        tokenizer = study_tokenizer(model_record)
-        encoder = FeatureEncoder(sae, features)
-        controls = random_unit_directions(config.seed, layer, features, config.control_draws,
-                                          encoder.directions.shape[-1])
-        total = len(features) * len(values) * (1 + config.control_draws) * len(tokens)
-        with tqdm(total=total, desc=f"intervene@{layer}", unit="row", disable=None, leave=False) as bar:
-            result = run_layer(model, sae, plan.resume_at, torch.from_numpy(tokens), features, values,
-                               intervention=intervention, batch_size=config.batch_size,
-                               live_percentile=config.live_percentile, progress=bar.update, controls=controls)
-        dir_norms = encoder.directions.double().norm(dim=-1).tolist()
-        rs = Resampler.for_passages(documents, config.seed, layer)
-        rows = layer_rows(result, layer, config, tokenizer, rs, intervention, dir_norms, sae_context_size(sae))
+        run = run_shards(work, settings)
+        rows, detail, how = sharded.merge(run.results)
         check_finite(rows)
-        detail = layer_detail(model, encoder, plan, tokens, result, config, tokenizer, intervention)
         write_json(artifacts.layer_detail(layer), detail)
         frame = pd.DataFrame(rows)
         write_csv(artifacts.layer_metrics(layer), frame)
-        record["engine"] = vars(result.stats)
+        record.update(how, executor=run.how)
+    # ---- end of the sharded work -------------------------------------------------------------------------------
     return frame
 
 
