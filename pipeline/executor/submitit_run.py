@@ -57,7 +57,7 @@ def make_executor(settings: ExecutorSettings, stage: str):
         executor.update_parameters(**params)
     except (NameError, ValueError, TypeError, AssertionError) as exc:  # submitit's own checks
         first = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
-        raise UserError(f"{ENV_PARAMS}: submitit refuses {sorted(settings.submitit_params)}: {first}") from None
+        raise UserError(f"{ENV_PARAMS} is refused by submitit's AutoExecutor: {first}") from None
     return executor
 
 
@@ -103,10 +103,24 @@ def _failure(job, cluster: str, raised: BaseException | None, result_path: Path)
     return None
 
 
-def _cancel(jobs: dict[int, Any]) -> None:
+def _kill_local(job) -> None:
+    """End a job of submitit's local cluster: its worker, then its controller (job id = the controller's pid).
+    submitit's own cancel sends the controller SIGINT, whose traceback lands on the stage's stderr, and the
+    worker ignores SIGTERM (submitit keeps it for SLURM's preemption), so both are killed outright."""
+    import psutil  # a dependency of DVC, pinned in requirements.txt
+
+    try:
+        controller = psutil.Process(int(job.job_id))
+        for process in [*controller.children(recursive=True), controller]:
+            process.kill()
+    except (psutil.NoSuchProcess, ValueError):
+        pass
+
+
+def _cancel(jobs: dict[int, Any], cluster: str) -> None:
     for job in jobs.values():
         try:
-            job.cancel(check=False)
+            _kill_local(job) if cluster == "local" else job.cancel(check=False)
         except Exception as exc:  # noqa: BLE001 - cancelling is best effort: the stage is ending anyway
             log.warning("could not cancel job %s: %s", getattr(job, "job_id", "?"), exc)
 
@@ -162,6 +176,6 @@ def run_missing(fn: Callable[[Any, Any], Any], inputs: Any, specs: Sequence[Any]
                 if again:
                     submit(again)
         except BaseException:
-            _cancel(running)
+            _cancel(running, settings.cluster)
             raise
     return sum(attempts.values()) - len(todo)

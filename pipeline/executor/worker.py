@@ -21,6 +21,7 @@ def run_shard(fn: Callable[[Any, Any], Any], inputs: Any, spec: Any, result_path
     from pipeline.quiet import quiet_library_warnings
 
     quiet_library_warnings()  # as the command line does: the job's log is for the job
+    print(f"shard {spec}: result to {result_path}", flush=True)  # the log says which shard it is
     try:
         result = fn(inputs, spec)
     except UserError as exc:
