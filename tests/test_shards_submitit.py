@@ -86,12 +86,15 @@ def stage(project: Path, env: dict[str, str], layer: int = 0) -> subprocess.Pope
 class ShardSaboteur(threading.Thread):
     """Sends `sig` to the worker of every job that runs the shard with `features`, up to `times` times.
 
-    submitit's local cluster names a job's folder by its controller's pid; the worker is the controller's
-    child, and the job's submitted pickle holds its arguments (run_shard(fn, inputs, spec, path))."""
+    A job's folder is named by its job id and holds its submitted pickle, whose arguments are
+    run_shard(fn, inputs, spec, path). The worker is the `submitit.core._submit` process under the job's
+    root process: on submitit's local cluster the controller, whose pid is the job id; under the SLURM
+    stand-in (tests/fake_slurm.py) the task's process, whose pid its state file holds."""
 
-    def __init__(self, jobs_dir: Path, features: list[int], sig: int, times: int):
+    def __init__(self, jobs_dir: Path, features: list[int], sig: int, times: int, slurm_state: Path | None = None):
         super().__init__(daemon=True)
         self.jobs_dir, self.features, self.sig, self.times = jobs_dir, features, sig, times
+        self.slurm_state = slurm_state
         self.hit: list[int] = []  # worker pids signalled
         self.seen: set[str] = set()
         self.stop = threading.Event()
@@ -116,21 +119,23 @@ class ShardSaboteur(threading.Thread):
                 self.seen.add(job.name)
                 if spec["features"] != self.features:
                     continue
-                worker = self.worker_of(int(job.name))
+                worker = self.worker_of(job.name)
                 if worker is not None:
                     worker.send_signal(self.sig)
                     self.hit.append(worker.pid)
             time.sleep(0.05)
 
-    @staticmethod
-    def worker_of(controller_pid: int) -> psutil.Process | None:
+    def worker_of(self, job_id: str) -> psutil.Process | None:
         for _ in range(400):
             try:
-                children = psutil.Process(controller_pid).children()
-            except psutil.NoSuchProcess:
+                root = int(job_id) if self.slurm_state is None else int(
+                    (self.slurm_state / job_id).read_text().split()[1])
+                workers = [p for p in psutil.Process(root).children(recursive=True)
+                           if p.cmdline()[1:4] == ["-u", "-m", "submitit.core._submit"]]
+            except (psutil.NoSuchProcess, FileNotFoundError):
                 return None
-            if children:
-                return children[0]
+            if workers:
+                return workers[0]
             time.sleep(0.05)
         return None
 
@@ -237,3 +242,30 @@ def test_an_interrupted_stage_reuses_its_finished_shards(study, tmp_path):
 def test_the_repo_ignores_the_executor_folder():
     for ignore in (".gitignore", ".dvcignore"):
         assert "/.executor/" in (ROOT / ignore).read_text().splitlines(), ignore
+
+
+def test_the_slurm_path_with_stand_in_commands(study, tmp_path):
+    """SLURM's executor of submitit, driven through tests/fake_slurm.py: one job array, a task killed once is
+    seen as failed through sacct and resubmitted, and the bytes are the local executor's."""
+    from tests.fake_slurm import install
+
+    project, local = study
+    for path in LAYER_OUTPUTS:
+        (project / path).unlink(missing_ok=True)
+    slurm = install(tmp_path / "bin", tmp_path / "slurm")
+    folder = tmp_path / "executor"
+    saboteur = ShardSaboteur(folder / "jobs/intervene@0", [0], signal.SIGKILL, times=1, slurm_state=tmp_path / "slurm")
+    saboteur.start()
+    params = json.dumps({"slurm_partition": "gpu", "timeout_min": 30})
+    proc = stage(project, {**SUBMITIT, **slurm, "PIPELINE_SUBMITIT_CLUSTER": "slurm", "PIPELINE_EXECUTOR_DIR": str(folder),
+                           "PIPELINE_SUBMITIT_PARAMS": params})
+    out, err = proc.communicate(timeout=900)
+    saboteur.stop.set()
+    assert proc.returncode == 0, out + err
+    assert len(saboteur.hit) == 1
+    assert "failed (it ended without a result (state FAILED)); resubmitting it (retry 1 of 2)" in err, err
+    script = next((folder / "jobs/intervene@0").glob("*/1000_submission.sh")).read_text()
+    assert "#SBATCH --array=0-2%3" in script and "#SBATCH --partition=gpu" in script and "#SBATCH --time=30" in script
+    assert sorted(p.name for p in (tmp_path / "slurm").iterdir() if p.name != "counter") == [
+        "1000_0", "1000_1", "1000_2", "1001"]  # the array, then the resubmitted shard alone
+    assert {k: v for k, v in outputs(project).items() if k in LAYER_OUTPUTS} == {k: local[k] for k in LAYER_OUTPUTS}
