@@ -44,6 +44,10 @@ def _write_state(task: str, state: str, pid: int) -> None:
 def sbatch(args: list[str]) -> int:
     script = Path(args[-1])
     text = script.read_text()
+    if "#SBATCH --partition=nosuch" in text:
+        print("sbatch: error: invalid partition specified: nosuch", file=sys.stderr)
+        print("sbatch: error: Batch job submission failed: Invalid partition name specified", file=sys.stderr)
+        return 1
     counter = _state_dir() / "counter"
     job_id = int(counter.read_text()) + 1 if counter.exists() else 1000
     counter.write_text(str(job_id))

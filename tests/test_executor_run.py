@@ -12,9 +12,13 @@ from tests import executor_fns
 from tests.conftest import ROOT
 
 
-@pytest.fixture
-def settings(tmp_path, monkeypatch):
+@pytest.fixture(autouse=True)
+def _at_the_repository_root(monkeypatch):
     monkeypatch.chdir(ROOT)  # a job imports the shard function by name, from where the stage runs
+
+
+@pytest.fixture
+def settings(tmp_path):
     return ExecutorSettings(executor="submitit", cluster="local", shards=3, retries=1, folder=tmp_path / "executor")
 
 
@@ -56,3 +60,28 @@ def test_a_user_error_in_a_shard_is_not_retried(settings):
     with pytest.raises(UserError, match=r"^test@0: shard 2 of 3 \(x 1\) failed \(params.yaml: batch_size is too "
                                         r"large for this shard, one line\); its log: "):
         run_shards(work(executor_fns.refuses, None, [{"x": 0}, {"x": 1}, {"x": 2}]), settings)
+
+
+def test_submitits_slurm_executor_runs_the_shards_as_one_job_array(tmp_path, monkeypatch):
+    """Through the stand-in SLURM commands (tests/fake_slurm.py)."""
+    from tests.fake_slurm import install
+
+    for name, value in install(tmp_path / "bin", tmp_path / "slurm").items():
+        monkeypatch.setenv(name, value)
+    slurm = ExecutorSettings(executor="submitit", cluster="slurm", retries=1, folder=tmp_path / "executor",
+                             submitit_params={"slurm_partition": "gpu"})
+    run = run_shards(work(executor_fns.square_plus, 1, [{"x": x} for x in (2, 5)]), slurm)
+    assert [r["value"] for r in run.results] == [5, 26]
+    assert sorted(p.name for p in (tmp_path / "slurm").iterdir() if p.name != "counter") == ["1000_0", "1000_1"]
+
+
+def test_a_refused_submission_is_one_line(tmp_path, monkeypatch):
+    from tests.fake_slurm import install
+
+    for name, value in install(tmp_path / "bin", tmp_path / "slurm").items():
+        monkeypatch.setenv(name, value)
+    slurm = ExecutorSettings(executor="submitit", cluster="slurm", folder=tmp_path / "executor",
+                             submitit_params={"slurm_partition": "nosuch"})
+    with pytest.raises(UserError, match=r"^test@0: submitting 2 shards to submitit's slurm cluster failed: "
+                                        r"sbatch: error: invalid partition specified: nosuch$"):
+        run_shards(work(executor_fns.square_plus, 1, [{"x": x} for x in (2, 5)]), slurm)

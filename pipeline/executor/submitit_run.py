@@ -141,7 +141,12 @@ def run_missing(fn: Callable[[Any, Any], Any], inputs: Any, specs: Sequence[Any]
     def submit(indices: list[int]) -> None:
         paths = [str(store.path(keys[i]).resolve()) for i in indices]
         n = len(indices)
-        jobs = executor.map_array(run_shard, [fn] * n, [inputs] * n, [specs[i] for i in indices], paths)
+        try:
+            jobs = executor.map_array(run_shard, [fn] * n, [inputs] * n, [specs[i] for i in indices], paths)
+        except (OSError, RuntimeError) as exc:  # e.g. sbatch refusing the array (submitit raises its stderr)
+            first = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+            raise UserError(f"{stage}: submitting {n} shard{'s' if n > 1 else ''} to submitit's {settings.cluster} "
+                            f"cluster failed: {first}") from None
         for i, job in zip(indices, jobs, strict=True):
             running[i] = job
             attempts[i] += 1
