@@ -6,7 +6,8 @@ computes the same numbers with less work, each shortcut exact (tests/engine/test
 1. Prefix once: the residual at the hook is computed once per passage and cached; every variant
    resumes from it (`start_at_layer`), so blocks before the hook never run again.
 2. Clean suffix once per passage block; its log-probabilities serve every variant's KL and CE.
-3. Many variants per forward: rows of different (feature, value, passage) share one batch.
+3. Many variants per forward: rows of different (value, control draw, passage) of a feature share one
+   batch (never two features' rows: see `_per_feature_batches`).
 4. Nothing to do where nothing changes: a value equal to the intervention's identity (alpha = 1)
    needs no forward; a passage where the feature never fires (t >= 1) is the clean model's; and
    in a changed passage, positions before the first change are unchanged (causal attention), so
@@ -118,6 +119,20 @@ def _retry_on_oom(fn: Callable[[int], None], stats: EngineStats, what: str) -> N
 Row = tuple[int, int, int, int, int]
 
 
+def _per_feature_batches(rows: list[Row], bs: int) -> list[list[Row]]:
+    """The rows in batches of at most bs, a batch never holding two features' rows (rows come feature by
+    feature). So each feature's forwards see the same batches whichever other features run beside it, and
+    a run over a block of features gives bit for bit its part of the run over all of them (CPU BLAS rounds
+    a row differently in a batch of another height; pipeline/shards/intervene.py, tests/stages/test_shards_exact.py)."""
+    batches: list[list[Row]] = []
+    start = 0
+    for end in range(1, len(rows) + 1):
+        if end == len(rows) or rows[end][0] != rows[start][0] or end - start == bs:
+            batches.append(rows[start:end])
+            start = end
+    return batches
+
+
 @dataclass
 class _Block:
     """Passages b0..b1-1: their clean distributions, and the variant results being built on the device."""
@@ -139,7 +154,7 @@ class _LayerRun:
     def __init__(self, model, sae, resume_at: int, tokens: Int[Tensor, "n_passages pos"], features: list[int],
                  values: list[float], intervention: Intervention, batch_size: int, live_percentile: float,
                  shortcuts: bool, chunk_elems: int, progress: Callable[[int], None] | None,
-                 controls: Tensor | None = None):
+                 controls: Tensor | None = None, encoder: FeatureEncoder | None = None):
         self.model, self.resume_at, self.intervention = model, resume_at, intervention
         self.features, self.values = features, values
         self.live_percentile, self.shortcuts, self.progress = live_percentile, shortcuts, progress
@@ -150,7 +165,7 @@ class _LayerRun:
             raise UserError(f"passages of {t_len} tokens have no scored positions; max_len must be >= 3")
         self.s_len = t_len - 2
         self.n_feat, self.n_val, self.d_vocab = len(features), len(values), model.cfg.d_vocab
-        self.encoder = FeatureEncoder(sae, features)
+        self.encoder = FeatureEncoder(sae, features) if encoder is None else encoder
         self.directions: Float[Tensor, "n_feat d_in"] = self.encoder.directions
         self.n_draws = 0 if controls is None else int(controls.shape[1])
         if controls is not None and tuple(controls.shape) != (self.n_feat, self.n_draws, self.directions.shape[-1]):
@@ -248,14 +263,13 @@ class _LayerRun:
         return rows
 
     def run_rows(self, blk: _Block, rows: list[Row], bs: int) -> None:
-        """Step 3: the rows' suffix forwards, bs rows of any (feature, value, variant, passage) per batch.
+        """Step 3: the rows' suffix forwards, bs rows of one feature's (value, variant, passage) per batch.
 
         Each row resumes from its passage's cached residual plus the intervention's delta (a control row:
         the delta's norm along its random direction), and is scored at t in [t0, T-2], in position chunks,
         against its own passage's clean distributions."""
         acts_blk = self.acts_all[blk.b0:blk.b1]
-        for r0 in range(0, len(rows), bs):
-            batch = rows[r0:r0 + bs]
+        for batch in _per_feature_batches(rows, bs):
             rf, ra, rv, rj = (torch.tensor(col, device=self.device) for col in list(zip(*batch, strict=True))[:4])
             x = self.resid_all[blk.b0 + rj]  # [R, T, d]
             delta = self.intervention.delta(acts_blk[rj, :, rf].to(self.directions.dtype),
@@ -336,11 +350,14 @@ def run_layer(
     chunk_elems: int = 1 << 26,
     progress: Callable[[int], None] | None = None,
     controls: Float[Tensor, "n_feat n_draws d_in"] | None = None,
+    encoder: FeatureEncoder | None = None,
 ) -> LayerResult:
     """Run every (feature, value) variant at the hook before block `resume_at`, and with `controls` (unit
-    vectors, see pipeline.engine.controls) every random-direction control of each."""
+    vectors, see pipeline.engine.controls) every random-direction control of each. `encoder` gives the
+    features' activations and directions (default: FeatureEncoder(sae, features)); a block of a layer's
+    features passes its columns of the layer's encoder, so activations round as in the whole layer's run."""
     run = _LayerRun(model, sae, resume_at, tokens, features, values, intervention, batch_size, live_percentile,
-                    shortcuts, chunk_elems, progress, controls)
+                    shortcuts, chunk_elems, progress, controls, encoder)
     _retry_on_oom(run.prefix, run.stats, "the prefix pass")
     run.start_scoring()
     _retry_on_oom(run.blocks, run.stats, "the intervention passes")
