@@ -2,7 +2,7 @@
 SAEs, Gemma-2-2B and Gemma Scope as the real loaders read them.
 
 The first part proves pipeline.engine.normalization against SAE-Lens's own splice on random SAEs
-built with SAE-Lens's classes; the second builds a tiny twin once (module scope) and loads it with
+built with SAE-Lens's classes; the second reads the session's tiny hub twin and loads it with
 SAE-Lens, TransformerLens and transformers, offline.
 """
 
@@ -229,12 +229,8 @@ SCOPE = "gemma-scope-2b-pt-res-canonical"
 
 
 @pytest.fixture(scope="module")
-def twin(tmp_path_factory):
-    from pipeline.twin.build import build_twin
-
-    home = tmp_path_factory.mktemp("twin")
-    build_twin(home, "tiny", seed=0)
-    return home
+def twin(hub_twin):
+    return hub_twin  # the session's twin (tests/conftest.py), built once for every test that reads one
 
 
 @pytest.fixture
