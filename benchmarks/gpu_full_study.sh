@@ -1,13 +1,18 @@
 #!/usr/bin/env bash
-# The whole default study, end to end, on one GPU: `dvc exp run` of the committed params.yaml
-# (gpt2-small, 12 layers x 5 features x 5 alphas x 200 passages x 256 tokens, device auto) on the
-# full-scale hub twin (GPT-2 Small's true shapes, random weights), with the per-stage breakdown
-# (start + imports, loading, work) and the peak GPU memory of each stage.
+# The whole default study, end to end, on one GPU, for two presets:
+#  1. `dvc exp run` of the committed params.yaml (gpt2-small, 12 layers x 5 features x 5 alphas x 200 passages x
+#     256 tokens, device auto) on the full-scale hub twin (GPT-2 Small's true shapes, random weights);
+#  2. the gemma-2-2b preset's full default study on the real weights (Gemma-2-2B, 26 Gemma Scope width-16k SAEs,
+#     all 26 layers x 5 features x 5 alphas x 200 passages x 256 tokens, WikiText-2, Neuronpedia): it needs the
+#     network and a Hugging Face token whose account accepted Gemma's licence (`hf auth login`, or HF_TOKEN), and
+#     ~40 GB of disk (the hub cache ~18 GB, the processed model and DVC's copy of it ~21 GB); SKIP_GEMMA=1 leaves it out.
+# Each with the per-stage breakdown (start + imports, loading, work) and the peak GPU memory of each stage.
 #
 #   bash benchmarks/gpu_full_study.sh [OUT_DIR]      # from the repository root, requirements installed
 #
-# Expected: well under 8 minutes on an H100-class GPU (about 1 minute of it building the twin).
-# Writes OUT_DIR/gpu.txt (the card), OUT_DIR/full-study.log and OUT_DIR/full-study.json.
+# Expected: the gpt2-small twin study well under 8 minutes on an H100-class GPU (about 1 minute of it building the
+# twin); the Gemma study has not been timed yet (the first run downloads ~18 GB).
+# Writes OUT_DIR/gpu.txt (the card), OUT_DIR/full-study.{log,json} and OUT_DIR/gemma-full-study.{log,json}.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-benchmarks/gpu-$(date +%F)}
@@ -18,3 +23,11 @@ python -c "import torch; assert torch.cuda.is_available(), 'no CUDA device: this
 start=$(date +%s)
 python benchmarks/stage_breakdown.py --scale full --out "$out/full-study.json" 2>&1 | tee "$out/full-study.log"
 echo "end to end, twin build included: $(( $(date +%s) - start )) s" | tee -a "$out/full-study.log"
+
+if [ "${SKIP_GEMMA:-0}" != 1 ]; then
+  start=$(date +%s)
+  every=$(python -c "print(','.join(map(str, range(26))))")
+  python benchmarks/stage_breakdown.py --preset gemma-2-2b --real --layers "$every" --out "$out/gemma-full-study.json" \
+    2>&1 | tee "$out/gemma-full-study.log"
+  echo "gemma-2-2b end to end, downloads included: $(( $(date +%s) - start )) s" | tee -a "$out/gemma-full-study.log"
+fi

@@ -1,8 +1,13 @@
-"""Time `dvc exp run` stage by stage: the real gpt2-small preset on the hub twin, or the toy.
+"""Time `dvc exp run` stage by stage: the real gpt2-small or gemma-2-2b preset on the hub twin (or, with --real, on
+the real hub and Neuronpedia), or the toy.
 
     python benchmarks/stage_breakdown.py --scale full --layers 0,1 --passages 8     # fits a 2-core CPU
     python benchmarks/stage_breakdown.py --scale full                               # the whole default study (GPU)
     python benchmarks/stage_breakdown.py --preset toy --passages 16 --max-len 64 --repeat 3
+    python benchmarks/stage_breakdown.py --preset gemma-2-2b --scale tiny --layers 0,25 --passages 4 --max-len 32
+    python benchmarks/stage_breakdown.py --scale tiny --sae-release gpt2-small-resid-post-v5-32k --layers 0,11
+    python benchmarks/stage_breakdown.py --preset gemma-2-2b --real --layers 0,1,...,25   # real weights (GPU, network,
+                                                                                          # a token with the licence)
 
 Twin mode (the default, `--preset gpt2-small`) builds the twin (`python -m pipeline twin`, once per
 --twin directory), copies the checkout into a scratch git repo, starts the local Neuronpedia
@@ -100,6 +105,10 @@ def overrides(args: argparse.Namespace) -> list[str]:
     sets = []
     if args.preset == "toy":
         sets += ["preset=toy", f"toy_lm_steps={args.toy_steps}", f"toy_sae_steps={args.toy_steps}"]
+    elif args.preset != "gpt2-small":
+        sets.append(f"preset={args.preset}")
+    if args.sae_release is not None:
+        sets.append(f"sae_release={args.sae_release}")
     if args.layers is not None:
         sets.append(f"layers=[{args.layers}]")
     for key, value in (("max_passages", args.passages), ("max_len", args.max_len),
@@ -197,6 +206,17 @@ def run_twin(args: argparse.Namespace, scratch: Path, project: Path) -> dict:
             **breakdown(stage_rows(project), wall)}
 
 
+def run_real(args: argparse.Namespace, project: Path) -> dict:
+    """The preset on the real hub and Neuronpedia (network; the gated Gemma repos need a token with the licence
+    accepted): nothing is stood in."""
+    bare = bare_import_s()
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
+    for key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "NEURONPEDIA_API_URL"):
+        env.pop(key, None)
+    wall = dvc_exp_run(project, overrides(args), env)
+    return {"real": True, "overrides": overrides(args), "bare_import_s": bare, **breakdown(stage_rows(project), wall)}
+
+
 def venv_env(python: str) -> dict[str, str]:
     """The environment a stage of `python`'s virtual environment runs in (dvc.yaml's `python -m ...`
     resolves through PATH)."""
@@ -236,8 +256,11 @@ def run_toy(args: argparse.Namespace, project: Path, against: Path | None = None
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default="gpt2-small", choices=["gpt2-small", "toy"])
-    parser.add_argument("--scale", default="full", choices=["tiny", "full"], help="twin scale (gpt2-small)")
+    parser.add_argument("--preset", default="gpt2-small", choices=["gpt2-small", "gemma-2-2b", "toy"])
+    parser.add_argument("--scale", default="full", choices=["tiny", "full"],
+                        help="twin scale (gemma-2-2b: tiny only; the twin does not build Gemma at full scale)")
+    parser.add_argument("--real", action="store_true", help="the real hub and Neuronpedia instead of the twin")
+    parser.add_argument("--sae-release", default=None, help="sae_release (default: the preset's)")
     parser.add_argument("--twin", type=Path, default=None, help="twin directory (default: a temporary one)")
     parser.add_argument("--layers", default=None, help="e.g. 0,1 (default: params.yaml's)")
     parser.add_argument("--passages", type=int, default=None, help="max_passages (default: the preset's)")
@@ -255,6 +278,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.against is not None and (args.preset != "toy" or args.against_python is None):
         parser.error("--against needs --preset toy and --against-python")
+    if args.preset == "gemma-2-2b" and args.scale == "full" and not args.real:
+        parser.error("the twin builds Gemma-2 at --scale tiny only; use --scale tiny, or --real")
 
     scratch = Path(tempfile.mkdtemp(prefix="stage-breakdown-"))
     try:
@@ -268,7 +293,10 @@ def main() -> None:
                 print(f"\n== {name}")
                 print_table(result)
         else:
-            result = run_toy(args, project) if args.preset == "toy" else run_twin(args, scratch, project)
+            if args.preset == "toy":
+                result = run_toy(args, project)
+            else:
+                result = run_real(args, project) if args.real else run_twin(args, scratch, project)
             output = finish(result, project)
             print_table(output)
         if args.out:

@@ -218,9 +218,9 @@ def twin(
                               "(GPT-2 Small's true shapes; ~2.5 GB)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the random weights."),
 ) -> None:
-    """Build the hub twin: offline stand-ins of the gpt2-small preset's hub repos (GPT-2, the res-jb SAEs,
-    WikiText-2) in their real formats, with random weights, so the real path runs with HF_HOME=DIRECTORY
-    HF_HUB_OFFLINE=1. Its numbers mean nothing: it proves the code path, not the science."""
+    """Build the hub twin: offline stand-ins of the presets' hub repos (GPT-2, the res-jb and OpenAI TopK SAEs,
+    Gemma-2-2B, Gemma Scope, WikiText-2) in their real formats, with random weights, so the real path runs with
+    HF_HOME=DIRECTORY HF_HUB_OFFLINE=1. Its numbers mean nothing: it proves the code path, not the science."""
     with _one_line_errors("the twin may be incomplete; build it again"):
         from pipeline.twin.build import SCALES, build_twin
 

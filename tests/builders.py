@@ -42,19 +42,21 @@ def build_model(cls=None, **overrides):
 
 
 def build_sae(d_in: int = 16, d_sae: int = 64, hook_name: str = "blocks.1.hook_resid_post",
-              seed: int = 0, enc_bias: float = 0.0, architecture: str = "standard"):
-    """A random SAE; a negative `enc_bias` makes features fire sparsely."""
+              seed: int = 0, enc_bias: float = 0.0, architecture: str = "standard", normalize_activations: str = "none"):
+    """A random SAE; a negative `enc_bias` makes features fire sparsely; `normalize_activations` as SAE-Lens's
+    (layer_norm: OpenAI's TopK SAEs)."""
     from sae_lens import JumpReLUSAE, JumpReLUSAEConfig, StandardSAE, StandardSAEConfig, TopKSAE, TopKSAEConfig
     from sae_lens.saes.sae import SAEMetadata
 
     meta = SAEMetadata(hook_name=hook_name, model_name="tiny", hook_head_index=None, prepend_bos=True)
     torch.manual_seed(seed)
     if architecture == "standard":
-        sae = StandardSAE(StandardSAEConfig(d_in=d_in, d_sae=d_sae, metadata=meta))
+        sae = StandardSAE(StandardSAEConfig(d_in=d_in, d_sae=d_sae, metadata=meta, normalize_activations=normalize_activations))
     elif architecture == "jumprelu":
-        sae = JumpReLUSAE(JumpReLUSAEConfig(d_in=d_in, d_sae=d_sae, metadata=meta))
+        sae = JumpReLUSAE(JumpReLUSAEConfig(d_in=d_in, d_sae=d_sae, metadata=meta,
+                                            normalize_activations=normalize_activations))
     elif architecture == "topk":
-        sae = TopKSAE(TopKSAEConfig(d_in=d_in, d_sae=d_sae, k=8, metadata=meta))
+        sae = TopKSAE(TopKSAEConfig(d_in=d_in, d_sae=d_sae, k=8, metadata=meta, normalize_activations=normalize_activations))
     else:
         raise ValueError(architecture)
     with torch.no_grad():

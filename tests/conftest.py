@@ -167,7 +167,7 @@ def hub_twin(tmp_path_factory) -> Path:
     return home
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def twin(hub_twin) -> Path:
     return hub_twin
 

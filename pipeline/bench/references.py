@@ -6,7 +6,8 @@ once and neither borrows the engine's code:
 - `sae_lens_splice` / `plain_way`: what a careful user writes from SAE-Lens's docs, HookedSAETransformer with the SAE
   spliced in (`use_error_term=True`) and a hook scaling `hook_sae_acts_post` of one feature at positions >= 1.
 - `definition_hook` / `float64_reference`: full forward passes with the intervention's delta added by a hook at the
-  SAE's hook point (scale, clamp or add; any SAE-Lens architecture, its own `encode`), logits in float64;
+  SAE's hook point (scale, clamp or add; any SAE-Lens architecture, its own `encode`; for an SAE that normalises
+  its input, the per-position scale s_t read off SAE-Lens's own decode by `decode_scale`), logits in float64;
   `definition_metrics`: every scalar metric from those arrays, straight from docs/method.md.
 - `metrics_table`, `max_rel_diff`, `precision_cost`, `max_abs_diff`: how two sets of metrics are compared.
 """
@@ -85,15 +86,28 @@ def activation_shift(intervention: str, acts: torch.Tensor, value: float) -> tor
     return MODES[intervention].shift(acts, value)
 
 
+Scale = Callable[[torch.Tensor], torch.Tensor]  # resid [batch pos d_model] -> s_t [batch pos]
+
+
+def _delta(encode: Callable[[torch.Tensor], torch.Tensor], direction: torch.Tensor, intervention: str, value: float,
+           scale: Scale | None, resid: torch.Tensor) -> torch.Tensor:
+    """delta_t = c_t * s_t * d_i (s_t = 1 without `scale`)."""
+    shift = activation_shift(intervention, encode(resid), value)
+    if scale is not None:
+        shift = shift * scale(resid)
+    return shift[..., None] * direction
+
+
 def definition_hook(encode: Callable[[torch.Tensor], torch.Tensor], direction: torch.Tensor, intervention: str,
-                    value: float):
+                    value: float, scale: Scale | None = None):
     """A TransformerLens hook adding the intervention's delta to the residual at every position but BOS.
 
-    `encode(resid)` is the feature's activation [batch pos]; `direction` its decoder row [d_model].
+    `encode(resid)` is the feature's activation [batch pos]; `direction` its decoder row [d_model]; `scale(resid)`
+    the SAE's per-position scale s_t where it normalises its input (`decode_scale`; None: 1).
     """
 
     def hook(resid, hook):  # noqa: ARG001
-        out = resid + activation_shift(intervention, encode(resid), value)[..., None] * direction
+        out = resid + _delta(encode, direction, intervention, value, scale, resid)
         out[:, 0] = resid[:, 0]
         return out
 
@@ -101,12 +115,12 @@ def definition_hook(encode: Callable[[torch.Tensor], torch.Tensor], direction: t
 
 
 def control_hook(encode: Callable[[torch.Tensor], torch.Tensor], direction: torch.Tensor, control: torch.Tensor,
-                 intervention: str, value: float):
+                 intervention: str, value: float, scale: Scale | None = None):
     """docs/statistics.md's random-direction control: where the feature's hook would add delta_t, add ||delta_t|| * u
     (u = `control`, a unit vector [d_model]) instead, at every position but BOS."""
 
     def hook(resid, hook):  # noqa: ARG001
-        delta = activation_shift(intervention, encode(resid), value)[..., None] * direction
+        delta = _delta(encode, direction, intervention, value, scale, resid)
         out = resid + delta.norm(dim=-1, keepdim=True) * control
         out[:, 0] = resid[:, 0]
         return out
@@ -148,6 +162,34 @@ def feature_encoder(sae, features: Sequence[int], dtype: torch.dtype
     return (lambda x: whole.encode(x)[..., list(features)]), directions
 
 
+def decode_scale(sae, dtype: torch.dtype) -> Scale | None:
+    """s_t read off SAE-Lens's own decode, for an SAE that normalises its input (None for one that does not).
+
+    SAE-Lens's decode of codes a at position t is norm_out_t(a @ W_dec + b_dec), its normalisation statistics being
+    those the preceding encode of x_t stored; so decode(e) - decode(0) for a code e that is 1 on feature 0 alone is
+    s_t times feature 0's direction d_0 (W_dec[0], divided by its norm where decode divides a_0 by it), and s_t is
+    that difference along d_0 over ||d_0||^2. Written from SAE-Lens's decode, not from pipeline.engine.normalization.
+    """
+    if (sae.cfg.normalize_activations or "none") == "none":
+        return None
+    whole = sae if sae.dtype == dtype else copy.deepcopy(sae).to(dtype)
+    d0 = whole.W_dec[0]
+    if getattr(whole.cfg, "rescale_acts_by_decoder_norm", False):
+        d0 = d0 / d0.norm()
+
+    def scale(resid: torch.Tensor) -> torch.Tensor:
+        x = resid.to(dtype)
+        codes = torch.zeros((*x.shape[:-1], whole.cfg.d_sae), dtype=dtype, device=x.device)
+        whole.encode(x)  # stores the statistics of x that the next decode undoes
+        zero = whole.decode(codes)
+        codes[..., 0] = 1.0
+        whole.encode(x)
+        one = whole.decode(codes)
+        return (one - zero) @ d0 / (d0 @ d0)
+
+    return scale
+
+
 def definition_live(acts: np.ndarray, live_percentile: float) -> tuple[float, np.ndarray]:
     """docs/method.md's live set: the positions where the feature's |activation| is above max(0, its percentile)."""
     thr = max(0.0, float(np.percentile(np.abs(acts), live_percentile)))
@@ -171,6 +213,7 @@ def float64_reference(model, sae, tokens: torch.Tensor, hook: str, features: lis
     """
     ref_model = model_in(model, dtype)
     encode, directions = feature_encoder(sae, features, dtype)
+    scale = decode_scale(sae, dtype)
     n, t = tokens.shape
     ce_clean = np.empty((n, t - 2))
     ce_int = np.empty((len(features), len(values), n, t - 2))
@@ -199,12 +242,12 @@ def float64_reference(model, sae, tokens: torch.Tensor, hook: str, features: lis
                 if controls is not None:
                     for r in range(controls.shape[1]):
                         ctrl = control_hook(lambda x, fi=fi: encode(x)[..., fi], directions[fi],
-                                            controls[fi, r].to(directions), intervention, value)
+                                            controls[fi, r].to(directions), intervention, value, scale)
                         lp_i = torch.log_softmax(ref_model.run_with_hooks(tok, fwd_hooks=[(hook, ctrl)]).double()[:, 1:-1], -1)
                         ce_ctrl[fi, ai, r, b0:b0 + len(tok)] = (-lp_i.gather(-1, nxt)[..., 0]).cpu().numpy()
                         kl_ctrl[fi, ai, r, b0:b0 + len(tok)] = (lp_c.exp() * (lp_c - lp_i)).sum(-1).cpu().numpy()
                     continue
-                add = definition_hook(lambda r, fi=fi: encode(r)[..., fi], directions[fi], intervention, value)
+                add = definition_hook(lambda r, fi=fi: encode(r)[..., fi], directions[fi], intervention, value, scale)
                 intv = ref_model.run_with_hooks(tok, fwd_hooks=[(hook, add)]).double()
                 lp_i = torch.log_softmax(intv[:, 1:-1], -1)
                 ce_int[fi, ai, b0:b0 + len(tok)] = (-lp_i.gather(-1, nxt)[..., 0]).cpu().numpy()

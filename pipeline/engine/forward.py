@@ -15,6 +15,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from pipeline.engine.interventions import Intervention
+from pipeline.engine.normalization import position_scale
 from pipeline.load.library import check_sae_decoder
 
 
@@ -70,6 +71,9 @@ class FeatureEncoder:
     StandardSAE (ReLU) and JumpReLUSAE compute feature i from column i of W_enc alone, so only
     those columns are multiplied: for 5 of 24,576 features that is ~5,000x less encoder work.
     Any other architecture (TopK, ...) falls back to the full `sae.encode`.
+
+    An SAE that normalises its input writes a_i * s_t * d_i at position t (pipeline.engine.normalization):
+    `scale(resid)` gives s_t, or None where s_t = 1 (no normalisation), so those SAEs skip the multiply.
     """
 
     def __init__(self, sae, features: list[int]):
@@ -88,6 +92,13 @@ class FeatureEncoder:
         self.directions = sae.W_dec[self.index]  # [F, d_in]
         if getattr(sae.cfg, "rescale_acts_by_decoder_norm", False):  # TopK's act_times_W_dec
             self.directions = self.directions * (1 / self.directions.norm(dim=-1, keepdim=True))
+        self.normalizes = (getattr(sae.cfg, "normalize_activations", None) or "none") != "none"
+
+    def scale(self, resid: Float[Tensor, "*batch pos d_model"]) -> Float[Tensor, "*batch pos"] | None:
+        """s_t at every position, from the residual in the SAE's dtype (as SAE-Lens reads it); None: s_t = 1."""
+        if not self.normalizes:
+            return None
+        return position_scale(self.sae.cfg, resid.to(self.directions.dtype))
 
     def __call__(self, resid: Float[Tensor, "*batch pos d_model"]) -> Float[Tensor, "*batch pos n_feat"]:
         if not self.column_separable:
@@ -100,11 +111,18 @@ class FeatureEncoder:
         return acts
 
 
+def scaled(delta: Float[Tensor, "*batch pos d_model"], scale: Float[Tensor, "*batch pos"] | None
+           ) -> Float[Tensor, "*batch pos d_model"]:
+    """delta_t = c_t * s_t * d_i from c_t * d_i and s_t (None: s_t = 1, the delta as it is)."""
+    return delta if scale is None else delta * scale.unsqueeze(-1).to(delta.dtype)
+
+
 def intervened_residual(resid: Float[Tensor, "batch pos d_model"], acts: Float[Tensor, "batch pos"],
-                        direction: Float[Tensor, " d_model"], intervention: Intervention, value: float
-                        ) -> Float[Tensor, "batch pos d_model"]:
-    """resid + delta, computed in the SAE's dtype and added in the model's."""
-    delta = intervention.delta(acts.to(direction.dtype), direction, value)
+                        direction: Float[Tensor, " d_model"], intervention: Intervention, value: float,
+                        scale: Float[Tensor, "batch pos"] | None = None) -> Float[Tensor, "batch pos d_model"]:
+    """resid + delta (times the SAE's per-position scale s_t, FeatureEncoder.scale), computed in the SAE's dtype
+    and added in the model's."""
+    delta = scaled(intervention.delta(acts.to(direction.dtype), direction, value), scale)
     return resid + delta.to(resid.dtype)
 
 
@@ -114,7 +132,7 @@ def intervened_logits(model, encoder: FeatureEncoder, resume_at: int, tokens: In
     """Logits of one variant by the engine's route: prefix, delta, resumed suffix, unembed."""
     resid = residual_at(model, tokens, resume_at)
     acts = encoder(resid)[..., feature_pos]
-    x = intervened_residual(resid, acts, encoder.directions[feature_pos], intervention, value)
+    x = intervened_residual(resid, acts, encoder.directions[feature_pos], intervention, value, encoder.scale(resid))
     return unembed(model, final_residual(model, x, resume_at))
 
 

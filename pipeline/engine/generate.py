@@ -3,7 +3,8 @@
 Every row starts from a prompt whose first token is BOS. At the hook (the residual entering block
 `resume_at`), each steered row's residual becomes `x_t + delta_t` at every position t >= 1 of the
 prompt and of the generated text, with delta from the row's Intervention computed from that
-position's own SAE activation; BOS (t = 0) is never touched, and clean rows are not touched at all.
+position's own SAE activation (and, for an SAE that normalises its input, that position's own scale
+s_t: delta_t = c_t s_t d_i); BOS (t = 0) is never touched, and clean rows are not touched at all.
 
 How it is computed (pure functions; tensors on the model's device):
 - prompts of different lengths are left-padded; pads are masked out of attention and take no
@@ -30,7 +31,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from pipeline.engine.forward import FeatureEncoder, unembed
+from pipeline.engine.forward import FeatureEncoder, scaled, unembed
 from pipeline.engine.interventions import Intervention
 
 
@@ -70,8 +71,10 @@ def gumbel_noise(seed: int, step: int, prompt: list[int], d_vocab: int) -> Float
 
 def steer(resid: Float[Tensor, "rows pos d_model"], acts: Float[Tensor, "rows pos n_feat"],
           positions: Int[Tensor, "rows pos"], rows: Rows, directions: Float[Tensor, "n_feat d_model"],
-          intervention: Intervention) -> Float[Tensor, "rows pos d_model"]:
-    """resid + delta for each row's feature and value, at real positions >= 1 of steered rows only.
+          intervention: Intervention, scale: Float[Tensor, "rows pos"] | None = None
+          ) -> Float[Tensor, "rows pos d_model"]:
+    """resid + delta for each row's feature and value, at real positions >= 1 of steered rows only; `scale` is
+    the SAE's s_t at each position (FeatureEncoder.scale; None: 1).
 
     `positions` is each column's position in its row's sequence (pads: -1), so position 0 (BOS) is
     left alone whether or not the slice starts there (with a KV cache it holds only the new token)."""
@@ -82,7 +85,7 @@ def steer(resid: Float[Tensor, "rows pos d_model"], acts: Float[Tensor, "rows po
     a = acts.gather(-1, f[:, None, None].expand(-1, acts.shape[1], 1)).squeeze(-1)  # [rows, pos]
     direction = directions[f][:, None, :]  # [rows, 1, d_model]
     value = torch.tensor(rows.value, device=device, dtype=direction.dtype)[:, None]
-    delta = intervention.delta_fn(a.to(direction.dtype), direction, value)
+    delta = scaled(intervention.delta_fn(a.to(direction.dtype), direction, value), scale)
     keep = (steered[:, None] & (positions >= 1))[..., None]
     delta = torch.where(keep, delta, torch.zeros((), dtype=delta.dtype, device=device))
     return resid + delta.to(resid.dtype)
@@ -130,7 +133,9 @@ def generate_batch(model, encoder: FeatureEncoder, resume_at: int, prompts: list
     acts = encoder(resid)
     cache = _rows_cache(model, prompt_cache, index, resume_at, len(rows))
     positions = (mask.cumsum(dim=1) - 1).masked_fill(mask == 0, -1)[index]
-    x = steer(resid[index], acts[index], positions, rows, encoder.directions, intervention)
+    scale = encoder.scale(resid)
+    x = steer(resid[index], acts[index], positions, rows, encoder.directions, intervention,
+              None if scale is None else scale[index])
     logits = unembed(model, _suffix(model, x, resume_at, cache, cache.previous_attention_mask))[:, -1]
 
     sampled = torch.tensor(rows.sampled, device=device)
@@ -145,7 +150,8 @@ def generate_batch(model, encoder: FeatureEncoder, resume_at: int, prompts: list
         if step == n_tokens - 1:
             break
         resid = model(out[:, step:step + 1], stop_at_layer=resume_at, past_kv_cache=cache, attention_mask=ones)
-        x = steer(resid, encoder(resid), (lengths + step)[:, None], rows, encoder.directions, intervention)
+        x = steer(resid, encoder(resid), (lengths + step)[:, None], rows, encoder.directions, intervention,
+                  encoder.scale(resid))
         logits = unembed(model, _suffix(model, x, resume_at, cache, cache.previous_attention_mask))[:, -1]
     return out.cpu()
 

@@ -47,8 +47,9 @@ from jaxtyping import Float
 from torch import Tensor
 
 from pipeline.core.errors import UserError
+from pipeline.load.library import SCALED_NORMALIZATIONS
 
-SCALED = ("none", "layer_norm", "constant_norm_rescale")
+SCALED = SCALED_NORMALIZATIONS  # the loader's check (pipeline.load.library) accepts exactly these
 _UNFOLDED = {
     "expected_average_only_in": "SAE-Lens folds it into the weights on loading only when the release records a "
     "norm_scaling_factor, and this SAE still carries it, so SAE-Lens would run it on unscaled inputs",

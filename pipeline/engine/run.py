@@ -20,6 +20,10 @@ computes the same numbers with less work, each shortcut exact (tests/engine/test
 Rows and positions skipped by (4) keep ce_int = ce_clean and kl = 0 exactly; a forward pass would
 give those values up to float rounding. `shortcuts=False` turns (4) off for tests and benchmarks.
 
+An SAE that normalises its input moves the residual by delta_t = c_t * s_t * d_i (pipeline.engine.normalization);
+s_t is computed once per passage in the prefix step, from the residual in the SAE's dtype, and every row's delta
+carries it.
+
 Random-direction controls (`controls`, unit vectors u [n_feat, n_draws, d_model]): for each
 (feature, value) and draw r, a control row adds ||delta_t|| * u[f, r] where the feature's row adds
 delta_t, so the same positions get a push of the same norm along a direction unrelated to the model.
@@ -47,7 +51,7 @@ from jaxtyping import Bool, Float, Float32, Float64, Int
 from torch import Tensor
 
 from pipeline.core.errors import UserError
-from pipeline.engine.forward import FeatureEncoder, final_residual, is_oom, residual_at, unembed
+from pipeline.engine.forward import FeatureEncoder, final_residual, is_oom, residual_at, scaled, unembed
 from pipeline.engine.interventions import SCALE, Intervention
 from pipeline.engine.metrics import LiveSet, live_positions
 
@@ -78,6 +82,8 @@ class LayerResult:
     live: list[LiveSet]  # per feature, masks [n_passages, scored]
     delta_sum: Float64[np.ndarray, "n_feat n_values d_vocab"]  # sum over live positions of centred logit deltas
     resid_norm: Float32[np.ndarray, "n_passages pos"]  # ||x_t|| of the clean residual at the hook
+    # s_t, the SAE's per-position scale (delta_t = c_t s_t d_i; pipeline.engine.normalization): 1 without normalisation
+    scale: Float32[np.ndarray, "n_passages pos"]
     # random-direction controls (n_draws = 0: none)
     ctrl_ce_int: Float64[np.ndarray, "n_feat n_values n_draws n_passages scored"]
     ctrl_kl: Float64[np.ndarray, "n_feat n_values n_draws n_passages scored"]
@@ -182,6 +188,9 @@ class _LayerRun:
             (self.n, t_len, self.n_feat), dtype=torch.float32, device=self.device)
         self.resid_norm: Float[Tensor, "n_passages pos"] = torch.empty((self.n, t_len), dtype=torch.float32,
                                                                        device=self.device)
+        # s_t in the SAE's dtype, as the deltas use it (None: the SAE does not normalise, s_t = 1)
+        self.scale_all: Float[Tensor, "n_passages pos"] | None = None if not self.encoder.normalizes else torch.empty(
+            (self.n, t_len), dtype=self.directions.dtype, device=self.device)
         self.prefix_done = self.blocks_done = 0  # passages cached / committed: an OOM retry resumes there
 
     def prefix(self, bs: int) -> None:
@@ -192,6 +201,8 @@ class _LayerRun:
             self.resid_all[self.prefix_done:stop] = resid
             self.acts_all[self.prefix_done:stop] = self.encoder(resid).float()
             self.resid_norm[self.prefix_done:stop] = resid.float().norm(dim=-1)
+            if self.scale_all is not None:
+                self.scale_all[self.prefix_done:stop] = self.encoder.scale(resid)
             self.stats.prefix_calls += 1
             self.prefix_done = stop
 
@@ -274,6 +285,7 @@ class _LayerRun:
             x = self.resid_all[blk.b0 + rj]  # [R, T, d]
             delta = self.intervention.delta(acts_blk[rj, :, rf].to(self.directions.dtype),
                                             self.directions[rf][:, None, :], self.values_dev[ra][:, None])
+            delta = scaled(delta, None if self.scale_all is None else self.scale_all[blk.b0 + rj])
             if self.controls is not None:
                 ctrl = delta.norm(dim=-1, keepdim=True) * self.controls[rf, rv][:, None, :]
                 delta = torch.where((rv > 0)[:, None, None], ctrl, delta)
@@ -325,12 +337,17 @@ class _LayerRun:
             self.commit(blk, len(rows))
             self.blocks_done = blk.b1
 
+    def _scale_np(self) -> Float32[np.ndarray, "n_passages pos"]:
+        if self.scale_all is None:
+            return np.ones((self.n, self.s_len + 2), dtype=np.float32)
+        return self.scale_all.float().cpu().numpy()
+
     def result(self) -> LayerResult:
         """The committed results, delta sums as float64 [F, A, V] on the host."""
         delta_sum = self.delta_sum.double().cpu().numpy().reshape(self.n_feat, self.n_val, self.d_vocab)
         return LayerResult(features=list(self.features), values=list(self.values), acts=self.acts_np,
                            ce_clean=self.ce_clean, ce_int=self.ce_int[:, :, 0], kl=self.kl[:, :, 0], live=self.live,
-                           delta_sum=delta_sum, resid_norm=self.resid_norm.cpu().numpy(),
+                           delta_sum=delta_sum, resid_norm=self.resid_norm.cpu().numpy(), scale=self._scale_np(),
                            ctrl_ce_int=self.ce_int[:, :, 1:], ctrl_kl=self.kl[:, :, 1:], stats=self.stats)
 
 

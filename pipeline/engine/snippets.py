@@ -57,7 +57,7 @@ def feature_snippets(model, encoder: FeatureEncoder, resume_at: int, tokens: np.
     resid = residual_at(model, passages, resume_at)
     acts = encoder(resid)[..., feature_pos]
     clean = unembed(model, final_residual(model, resid, resume_at))
-    x = intervened_residual(resid, acts, encoder.directions[feature_pos], intervention, value)
+    x = intervened_residual(resid, acts, encoder.directions[feature_pos], intervention, value, encoder.scale(resid))
     intervened = unembed(model, final_residual(model, x, resume_at))
     out = []
     for row, (p, t, a) in enumerate(found):

@@ -71,14 +71,16 @@ def hooked_config_dict(hf_config: Mapping[str, Any], official_name: str) -> dict
 def from_pretrained_reading_config(model_name: str, hf_config: Mapping[str, Any], *, device: str | torch.device,
                                    dtype: torch.dtype = torch.float32, fold_ln: bool = True,
                                    center_writing_weights: bool = True, center_unembed: bool = True,
-                                   fold_value_biases: bool = True):
+                                   fold_value_biases: bool = True, tokenizer=None,
+                                   default_padding_side: str | None = None, **from_pretrained_kwargs: Any):
     """`HookedTransformer.from_pretrained(model_name, ...)` for a Gemma-2 model, its config built by
     `hooked_config_dict` from `hf_config` (the repo's config.json) rather than TransformerLens's table.
 
     The steps are from_pretrained's own (TransformerLens 3.9, HookedTransformer.py and
     loading_from_pretrained.py `get_pretrained_model_config`): the config's common processing, the
     soft-capped unembedding left uncentred, transformers' weights converted by TransformerLens,
-    then its weight processing."""
+    then its weight processing. `tokenizer`, `default_padding_side` and `from_pretrained_kwargs` (e.g. `revision`,
+    passed to transformers' `from_pretrained`) are from_pretrained's own."""
     from transformer_lens import HookedTransformer, HookedTransformerConfig
     from transformer_lens import loading_from_pretrained as loading
     from transformer_lens.utilities.activation_functions import softcap_enabled
@@ -93,8 +95,8 @@ def from_pretrained_reading_config(model_name: str, hf_config: Mapping[str, Any]
     cfg = HookedTransformerConfig.from_dict(cfg_dict)
     if center_unembed and softcap_enabled(cfg.output_logits_soft_cap):
         center_unembed = False  # from_pretrained's rule: softcapping is not invariant to a constant shift
-    state_dict = loading.get_pretrained_state_dict(official_name, cfg, None, dtype=dtype)
-    model = HookedTransformer(cfg, None, move_to_device=False)
+    state_dict = loading.get_pretrained_state_dict(official_name, cfg, None, dtype=dtype, **from_pretrained_kwargs)
+    model = HookedTransformer(cfg, tokenizer, move_to_device=False, default_padding_side=default_padding_side)
     model.load_and_process_state_dict(state_dict, fold_ln=fold_ln, center_writing_weights=center_writing_weights,
                                       center_unembed=center_unembed, fold_value_biases=fold_value_biases,
                                       refactor_factored_attn_matrices=False)

@@ -2,7 +2,10 @@
 
 Hub: `HookedTransformer.from_pretrained(name, **model_from_pretrained_kwargs)` with the kwargs the
 SAE release records (for gpt2-small-res-jb: center_writing_weights=True), so the residual stream
-matches what the SAEs were trained on; `SAE.from_pretrained(release, sae_id)` for each layer.
+matches what the SAEs were trained on; `SAE.from_pretrained(release, sae_id)` for each layer. Gemma-2 goes
+through `pipeline.load.gemma2_config.from_pretrained_reading_config` (the same steps, its config read from the
+repo's config.json: TransformerLens 3.9 hard-codes Gemma-2-2B's shapes). Given a `revision` (a commit), the
+model's files, its tokenizer and the SAE's files are read at that commit (pipeline.load.revisions).
 
 Local (the toy preset, or a user's own model): a directory holding `config.json` (the keyword
 arguments of `HookedTransformerConfig`), `model.safetensors` (the HookedTransformer state dict,
@@ -13,6 +16,7 @@ loaded as is) and `tokenizer_spec.json`; SAEs as SAE-Lens `save_model` folders r
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -77,17 +81,41 @@ def local_model(directory: str | Path, device: torch.device, dtype: torch.dtype)
 
 
 def model_from_source(name: str, device: torch.device, dtype: str,
-               from_pretrained_kwargs: dict[str, Any] | None = None) -> HookedTransformer:
-    """The model the study runs (hub name or local directory), in eval mode with gradients off."""
+               from_pretrained_kwargs: dict[str, Any] | None = None, revision: str | None = None) -> HookedTransformer:
+    """The model the study runs (hub name or local directory), in eval mode with gradients off; a hub model's files
+    at commit `revision` (None: the cache's or hub's `main`)."""
     with timed("import"):
         import transformer_lens  # noqa: F401 - a library import, timed apart from the loading
         import transformers  # noqa: F401
     with timed("load"):
-        return _model_from_source(name, device, dtype, from_pretrained_kwargs)
+        return _model_from_source(name, device, dtype, from_pretrained_kwargs, revision)
+
+
+def official_repo(name: str) -> str:
+    """The hub repo TransformerLens reads for a model name (gpt2-small -> gpt2, gemma-2-2b -> google/gemma-2-2b)."""
+    from transformer_lens.loading_from_pretrained import get_official_model_name
+
+    return get_official_model_name(name)
+
+
+def reads_config_json(official: str) -> bool:
+    """TransformerLens 3.9 builds Gemma-2's config from a table in its source, not from config.json
+    (`convert_hf_model_config`'s `"gemma-2-" in name` branch): those models load through
+    pipeline.load.gemma2_config, which reads it."""
+    return "gemma-2-" in official.lower()
+
+
+def hub_tokenizer(official: str, revision: str | None):
+    """The model's Hugging Face tokenizer at `revision`, as TransformerLens makes its own (add_bos_token=True), so
+    TransformerLens does not fetch one at `main` beside it."""
+    from transformers import AutoTokenizer
+
+    token = os.environ.get("HF_TOKEN") or None
+    return AutoTokenizer.from_pretrained(official, add_bos_token=True, revision=revision, token=token)
 
 
 def _model_from_source(name: str, device: torch.device, dtype: str,
-                from_pretrained_kwargs: dict[str, Any] | None) -> HookedTransformer:
+                from_pretrained_kwargs: dict[str, Any] | None, revision: str | None) -> HookedTransformer:
     quiet_library_warnings()
     if is_local_path(name):
         model = local_model(name, device, torch_dtype(dtype))
@@ -96,14 +124,28 @@ def _model_from_source(name: str, device: torch.device, dtype: str,
         from transformers.utils import logging as transformers_logging
 
         transformers_logging.disable_progress_bar()  # a "Loading weights" bar per stage says nothing
+        official = official_repo(name)
+        kwargs = dict(from_pretrained_kwargs or {}) | ({"revision": revision} if revision else {})
         try:
-            model = HookedTransformer.from_pretrained(
-                name, device=str(device), dtype=torch_dtype(dtype), **(from_pretrained_kwargs or {})
-            )
+            # The pipeline pads nothing through TransformerLens (generation passes its own left-padding mask), so
+            # the model never builds a mask from pad tokens, whatever side the tokenizer pads (Gemma's: left).
+            tokenizer = hub_tokenizer(official, revision)
+            if reads_config_json(official):
+                from huggingface_hub import hf_hub_download
+
+                from pipeline.load.gemma2_config import from_pretrained_reading_config
+
+                hf_config = json.loads(Path(hf_hub_download(official, "config.json", revision=revision)).read_text())
+                model = from_pretrained_reading_config(name, hf_config, device=str(device), dtype=torch_dtype(dtype),
+                                                       tokenizer=tokenizer, default_padding_side="right", **kwargs)
+            else:
+                model = HookedTransformer.from_pretrained(name, device=str(device), dtype=torch_dtype(dtype),
+                                                          tokenizer=tokenizer, default_padding_side="right", **kwargs)
         except (OSError, ValueError) as exc:
             raise UserError(
-                f"could not load model '{name}' ({type(exc).__name__}: {str(exc)[:160]}); "
-                "run `dvc repro model` with network access, or use -S preset=toy offline"
+                f"could not load model '{name}'{f' at commit {revision[:12]}' if revision else ''} "
+                f"({type(exc).__name__}: {str(exc)[:160]}); run `dvc repro model` with network access, or use "
+                "-S preset=toy offline"
             ) from None
     check_resumable(model, name)
     model.eval()
@@ -131,15 +173,16 @@ def check_causal(model, name: str) -> None:
 # SAEs
 
 
-def sae_from_source(release: str, plan: LayerPlan, device: torch.device, dtype: str) -> SAE:
-    """One SAE: SAE.from_pretrained(release, id) from the hub, or SAE.load_from_disk(release/id)."""
+def sae_from_source(release: str, plan: LayerPlan, device: torch.device, dtype: str, revision: str | None = None) -> SAE:
+    """One SAE: SAE.from_pretrained(release, id) from the hub (its repo's files at commit `revision`, None: `main`),
+    or SAE.load_from_disk(release/id)."""
     with timed("import"):
         import sae_lens  # noqa: F401 - a library import, timed apart from the loading
     with timed("load"):
-        return _sae_from_source(release, plan, device, dtype)
+        return _sae_from_source(release, plan, device, dtype, revision)
 
 
-def _sae_from_source(release: str, plan: LayerPlan, device: torch.device, dtype: str) -> SAE:
+def _sae_from_source(release: str, plan: LayerPlan, device: torch.device, dtype: str, revision: str | None) -> SAE:
     quiet_library_warnings()
     from sae_lens import SAE
 
@@ -149,12 +192,17 @@ def _sae_from_source(release: str, plan: LayerPlan, device: torch.device, dtype:
             raise UserError(f"SAE folder {path} has no cfg.json; rerun the model stage")
         sae = SAE.load_from_disk(path, device=str(device), dtype=dtype)
     else:
+        from pipeline.core.plan.layers import pretrained_directory
+        from pipeline.load.revisions import sae_lens_at
+
+        pins = {pretrained_directory()[release].repo_id: revision} if revision else {}
         try:
-            sae = SAE.from_pretrained(release, plan.sae_id, device=str(device), dtype=dtype)
+            with sae_lens_at(pins):
+                sae = SAE.from_pretrained(release, plan.sae_id, device=str(device), dtype=dtype)
         except (OSError, ValueError) as exc:
             raise UserError(
-                f"could not load SAE {release}/{plan.sae_id} ({type(exc).__name__}: "
-                f"{str(exc)[:160]}); run `dvc repro model` with network access first"
+                f"could not load SAE {release}/{plan.sae_id}{f' at commit {revision[:12]}' if revision else ''} "
+                f"({type(exc).__name__}: {str(exc)[:160]}); run `dvc repro model` with network access first"
             ) from None
     check_sae(sae, plan)
     sae.eval()
@@ -174,6 +222,9 @@ def check_sae(sae: SAE, plan: LayerPlan) -> None:
 # SAE-Lens architectures whose decode is sum_i a_i d_i + b_dec with d_i a fixed direction per feature
 # (pipeline.engine.forward.FeatureEncoder gives d_i), and why the others are not.
 LINEAR_DECODERS = ("standard", "jumprelu", "gated", "topk", "abstopk", "matching_pursuit")
+# Input normalisations whose splice moves the residual by c_t * s_t * d_i with a per-position scale s_t that
+# pipeline.engine.normalization computes (the derivation is there and in docs/sae_families.md).
+SCALED_NORMALIZATIONS = ("none", "layer_norm", "constant_norm_rescale")
 _REFUSED = {
     "temporal": "a temporal SAE: its codes depend on earlier positions and its splice keeps no error term",
     "transcoder": "a transcoder: it writes to another hook than it reads",
@@ -181,15 +232,16 @@ _REFUSED = {
 
 
 def check_sae_decoder(sae: SAE, name: str) -> None:
-    """Refuse, in one line, an SAE whose splice is not x + (value's shift) * a_i * d_i at its own hook."""
+    """Refuse, in one line, an SAE whose splice is not x + (value's shift) * s_t * d_i at its own hook."""
     arch = sae.cfg.architecture()
     if arch not in LINEAR_DECODERS:
         why = _REFUSED.get("transcoder" if "transcoder" in arch else arch, "not known to decode linearly")
         raise UserError(f"SAE {name} has architecture '{arch}' ({why}); supported: {', '.join(LINEAR_DECODERS)}")
-    if sae.cfg.normalize_activations not in ("none", None):
+    normalization = sae.cfg.normalize_activations or "none"
+    if normalization not in SCALED_NORMALIZATIONS:
         raise UserError(
-            f"SAE {name} normalises its input ({sae.cfg.normalize_activations}); "
-            "only SAEs with normalize_activations 'none' are supported"
+            f"SAE {name} normalises its input ({normalization}) in a way its splice does not scale per position "
+            f"(docs/sae_families.md); supported normalize_activations: {', '.join(SCALED_NORMALIZATIONS)}"
         )
     if sae.cfg.reshape_activations != "none":
         raise UserError(f"SAE {name} reshapes its input ({sae.cfg.reshape_activations}); not supported")

@@ -50,21 +50,23 @@ class ByteTokenizer:
 
 
 class HFTokenizer:
-    """A Hugging Face tokenizer (for GPT-2: BPE with <|endoftext|> = 50256 as BOS)."""
+    """A Hugging Face tokenizer (for GPT-2: BPE with <|endoftext|> = 50256 as BOS; Gemma: <bos> = 2), at the
+    commit `revision` of its repo (None: `main`). It never pads: passages are fixed-length windows and generation
+    pads by hand (pipeline.engine.generate.left_pad), whatever side the tokenizer's config says (Gemma's: left)."""
 
-    def __init__(self, name: str):
+    def __init__(self, name: str, revision: str | None = None):
         from pipeline.core.runinfo import timed
 
         with timed("import"):
             from transformers import AutoTokenizer
-        self.name = name
+        self.name, self.revision = name, revision
         try:
             with timed("load"):
-                self._tok = AutoTokenizer.from_pretrained(name)
+                self._tok = AutoTokenizer.from_pretrained(name, revision=revision)
         except OSError as exc:
             raise UserError(
-                f"could not load the tokenizer '{name}' from the Hugging Face cache or hub "
-                f"({type(exc).__name__}); run `dvc repro model` with network access first"
+                f"could not load the tokenizer '{name}'{f' at commit {revision[:12]}' if revision else ''} from the "
+                f"Hugging Face cache or hub ({type(exc).__name__}); run `dvc repro model` with network access first"
             ) from None
         bos = self._tok.bos_token_id
         if bos is None:
@@ -84,7 +86,8 @@ class HFTokenizer:
         return self._tok.decode([int(token_id)])
 
     def spec(self) -> dict[str, Any]:
-        return {"type": "hf", "name": self.name, "bos_token_id": self.bos_token_id}
+        return {"type": "hf", "name": self.name, "bos_token_id": self.bos_token_id} | (
+            {"revision": self.revision} if self.revision else {})
 
 
 def quote_token(text: str) -> str:
@@ -97,5 +100,5 @@ def tokenizer_from_spec(spec: dict[str, Any]) -> Tokenizer:
     if kind == "bytes":
         return ByteTokenizer()
     if kind == "hf":
-        return HFTokenizer(spec["name"])
+        return HFTokenizer(spec["name"], revision=spec.get("revision"))
     raise UserError(f"unknown tokenizer type {kind!r} in data/model.json; allowed: bytes, hf")

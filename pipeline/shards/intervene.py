@@ -51,6 +51,11 @@ class FeatureColumns:
         self.full, self.positions = encoder, list(positions)
         self.index = torch.tensor(self.positions, dtype=torch.long, device=encoder.directions.device)
         self.directions: Float[Tensor, "n_feat d_in"] = encoder.directions[self.index]
+        self.normalizes = encoder.normalizes
+
+    def scale(self, resid: Float[Tensor, "*batch pos d_model"]) -> Float[Tensor, "*batch pos"] | None:
+        """s_t, the same for every feature of the SAE (pipeline.engine.normalization)."""
+        return self.full.scale(resid)
 
     def __call__(self, resid: Float[Tensor, "*batch pos d_model"]) -> Float[Tensor, "*batch pos n_feat"]:
         return self.full(resid)[..., self.index]
@@ -120,6 +125,7 @@ def layer_rows(result: LayerResult, layer: int, config: Config, tokenizer, rs: R
                intervention: Intervention, dir_norms: list[float], context_size: int | None) -> list[dict[str, Any]]:
     rows = []
     resid_norm = result.resid_norm[:, 1:-1].astype(np.float64)
+    scale = result.scale[:, 1:-1].astype(np.float64)  # s_t: delta_t = c_t s_t d_i (docs/method.md)
     for fi, feature in enumerate(result.features):
         scored = result.acts_scored(fi)
         max_act = max_activation(scored)
@@ -135,7 +141,8 @@ def layer_rows(result: LayerResult, layer: int, config: Config, tokenizer, rs: R
                 live=result.live[fi].mask, acts=scored,
                 ctrl_ce_int=result.ctrl_ce_int[fi, ai] if has_ctrl else None,
                 ctrl_kl=result.ctrl_kl[fi, ai] if has_ctrl else None,
-                coef=coef, dir_norm=dir_norms[fi], resid_norm=resid_norm, max_act=max_act, context_size=context_size)
+                coef=coef, dir_norm=dir_norms[fi], resid_norm=resid_norm, max_act=max_act, context_size=context_size,
+                scale=scale)
             rows.append({
                 "layer": layer,
                 "feature": feature,

@@ -1,9 +1,12 @@
 """feature_source `neuronpedia`: features a researcher would call interpretable, per Neuronpedia.
 
-Candidates come from a curated list of indices: data/res_jb_documented_features.csv, res-jb
+Candidates come from curated lists of indices: data/res_jb_documented_features.csv, res-jb
 features whose meaning is stated in public material (tutorials, papers, tests) or by Neuronpedia's
-autointerp, in an order shuffled with `seed`; a layer with too few of them (resid_post 11, i.e.
-Neuronpedia's 12-res-jb, has none) continues with seeded random indices in [0, d_sae). We chose
+autointerp, and data/gemma_scope_documented_features.csv, the few Gemma Scope (width 16k) features we found
+documented (all at layer 20), in an order shuffled with `seed`; a layer with too few of them (resid_post 11,
+i.e. Neuronpedia's 12-res-jb, has none; nor has any Gemma Scope layer but 20, nor OpenAI's v5 SAEs) continues
+with seeded random indices in [0, d_sae). Each row names its Neuronpedia source: a `neuronpedia` column
+(`gemma-2-2b/20-gemmascope-res-16k`), or res-jb's `neuronpedia_layer` N for `gpt2-small/N-res-jb`. We chose
 this over explanation search, whose hits depend on a free-text query (biasing the study toward
 whatever we searched for), are limited to 200 searches an hour and shift as explanations are
 added, and over the bulk S3 export, which is far more to download than five features per layer
@@ -23,7 +26,7 @@ import csv
 import json
 import logging
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,7 +42,7 @@ from pipeline.sources.selection import FeatureChoice
 
 log = logging.getLogger(__name__)
 
-DOCUMENTED_MODEL = "gpt2-small"  # the list documents Neuronpedia sources gpt2-small/{neuronpedia_layer}-res-jb
+RES_JB_SOURCE = "gpt2-small/{layer}-res-jb"  # a list with `neuronpedia_layer` documents these sources
 MIN_EXPLANATION_SCORE = 0.5  # mean of Neuronpedia's scores for the chosen explanation, where it has any
 NP_TOP_TOKENS = 10  # Neuronpedia's top promoted / suppressed logit tokens kept per feature
 
@@ -58,15 +61,21 @@ def documented_indices(csv_path: str | Path, neuronpedia_id: str, d_sae: int) ->
     found: dict[int, int] = {}
     with open(csv_path, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
-        missing = [c for c in ("neuronpedia_layer", "feature") if c not in (reader.fieldnames or [])]
+        columns = reader.fieldnames or []
+        source_column = "neuronpedia" if "neuronpedia" in columns else "neuronpedia_layer"
+        missing = [c for c in (source_column, "feature") if c not in columns]
         if missing:
-            raise UserError(f"{csv_path} lacks column(s) {', '.join(missing)}")
+            raise UserError(f"{csv_path} lacks column(s) {', '.join(missing)} (a source: neuronpedia or "
+                            "neuronpedia_layer; and feature)")
         for row_no, row in enumerate(reader, start=2):  # row 1 is the header
             try:
-                layer, index = int(row["neuronpedia_layer"]), int(row["feature"])
-            except (TypeError, ValueError):
-                raise UserError(f"{csv_path} row {row_no}: neuronpedia_layer and feature need whole numbers") from None
-            if f"{DOCUMENTED_MODEL}/{layer}-res-jb" != neuronpedia_id:
+                index = int(row["feature"])
+                source = (row["neuronpedia"].strip() if source_column == "neuronpedia"
+                          else RES_JB_SOURCE.format(layer=int(row["neuronpedia_layer"])))
+            except (TypeError, ValueError, AttributeError):
+                raise UserError(f"{csv_path} row {row_no}: feature (and neuronpedia_layer) need whole numbers, "
+                                "neuronpedia a source such as gemma-2-2b/20-gemmascope-res-16k") from None
+            if source != neuronpedia_id:
                 continue
             if not 0 <= index < d_sae:
                 raise UserError(f"{csv_path} row {row_no}: feature {index} is out of range for {neuronpedia_id}; "
@@ -123,11 +132,23 @@ def _choice(layer: int, plan: LayerPlan, feature: NeuronpediaFeature, origin: st
     )
 
 
+def documented_for(lists: Sequence[str | Path], neuronpedia_id: str, d_sae: int) -> tuple[dict[int, int], Path]:
+    """The documented features of one Neuronpedia source and the list they come from (the first list that has any;
+    a source is documented in one list). No list has any: an empty dict, and the first list's path."""
+    paths = [Path(p) for p in lists]
+    for path in paths:
+        found = documented_indices(path, neuronpedia_id, d_sae)
+        if found:
+            return found, path
+    return {}, paths[0]
+
+
 def choose_layer(client: NeuronpediaClient, config: Config, layer: int, plan: LayerPlan, d_sae: int,
-                 documented_csv: str | Path) -> list[FeatureChoice]:
+                 documented_csv: str | Path | Sequence[str | Path]) -> list[FeatureChoice]:
     assert plan.neuronpedia is not None
     model_id, source = split_neuronpedia_id(plan.neuronpedia)
-    documented = documented_indices(documented_csv, plan.neuronpedia, d_sae)
+    lists = [documented_csv] if isinstance(documented_csv, (str, Path)) else list(documented_csv)
+    documented, documented_csv = documented_for(lists, plan.neuronpedia, d_sae)
     # Seeded per layer, so adding or removing other layers never changes this layer's choice.
     rng = np.random.default_rng([config.seed, layer])
     chosen: list[FeatureChoice] = []
@@ -168,7 +189,8 @@ def choose_layer(client: NeuronpediaClient, config: Config, layer: int, plan: La
 
 
 def choose_from_neuronpedia(config: Config, model_record: ModelRecord, *, client: NeuronpediaClient | None = None,
-                            documented_csv: str | Path = artifacts.DOCUMENTED_FEATURES) -> list[FeatureChoice]:
+                            documented_csv: str | Path | Sequence[str | Path] = artifacts.DOCUMENTED_FEATURE_LISTS,
+                            ) -> list[FeatureChoice]:
     """`features_per_layer` Neuronpedia-vetted features for every layer in `config.layers`."""
     plans = {layer: model_record.layer(layer).plan() for layer in config.layers}
     # Checked for every layer before any request, so a toy SAE fails at once, not after fetching.

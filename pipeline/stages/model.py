@@ -24,7 +24,8 @@ from pipeline.preflight import after_loading, preflight
 
 # The params this stage's outputs depend on (its dvc.yaml params). It also reads every other key,
 # `layers` included, but only to check them (preflight, after_loading): errors, never outputs.
-PARAMS = ("preset", "model", "sae_release", "hook", "seed", "toy_lm_steps", "toy_sae_steps")
+PARAMS = ("preset", "model", "sae_release", "sae_id_template", "hub_revisions", "hook", "seed", "toy_lm_steps",
+          "toy_sae_steps")
 
 
 def run_model_stage(config: Config | StageParams) -> dict[str, Any]:

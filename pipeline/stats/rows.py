@@ -12,9 +12,9 @@ t = j + 1), `row_statistics` returns the columns the intervene stage adds to pip
 - controls: the means over the random draws `ctrl_delta_ce`, `ctrl_kl`, `ctrl_delta_ce_live`, `ctrl_kl_live`,
   the draws' range `ctrl_kl_live_min`, `ctrl_kl_live_max`, and the comparison of pipeline.stats.random_directions
   (`kl_ratio_random`, `p_vs_random`, `ctrl_log_kl_live_sd`, `ctrl_draws_above`);
-- dose: `dose_rel_norm`, the mean over live positions of ||delta_t|| / ||x_t||, and `push_max_act`, the mean
-  over live positions of the push along the decoder direction (delta_t = c_t W_dec[i]) in units of the
-  feature's max activation on the corpus;
+- dose: `dose_rel_norm`, the mean over live positions of ||delta_t|| / ||x_t|| (delta_t = c_t s_t d_i, s_t the
+  SAE's per-position scale, 1 unless it normalises its input), and `push_max_act`, the mean over live positions
+  of the push c_t along the decoder direction, in the SAE's own units: the feature's max activation on the corpus;
 - context: `sae_context_size` (the SAE's training context), `frac_live_beyond_ctx` (share of live positions
   at t >= it), `delta_ce_live_in_ctx` and `kl_live_in_ctx` (the live means over t < it only).
 Every column is NaN where it is undefined (no live position, fewer than two documents, controls off,
@@ -41,9 +41,10 @@ CONTROL_COLUMNS = tuple(column for column, condition in NAN_WHEN.items()
 def row_statistics(rs: Resampler, *, ce_clean: np.ndarray, ce_int: np.ndarray, kl: np.ndarray, live: np.ndarray,
                   acts: np.ndarray, ctrl_ce_int: np.ndarray | None, ctrl_kl: np.ndarray | None,
                   coef: np.ndarray, dir_norm: float, resid_norm: np.ndarray, max_act: float,
-                  context_size: int | None) -> dict[str, Any]:
+                  context_size: int | None, scale: np.ndarray | None = None) -> dict[str, Any]:
     """Columns of one row. `live` bool [N, S]; `acts` the feature's clean activations [N, S]; `ctrl_*`
-    [draws, N, S] or None; `coef` [N, S] the push c_t along the decoder row; `resid_norm` [N, S] ||x_t||."""
+    [draws, N, S] or None; `coef` [N, S] the push c_t along the decoder row; `resid_norm` [N, S] ||x_t||;
+    `scale` [N, S] the SAE's s_t (None: 1)."""
     delta = ce_int - ce_clean
     out: dict[str, Any] = {"n_docs": rs.n_docs}
     for name, values, mask in (("delta_ce", delta, None), ("kl", kl, None),
@@ -73,7 +74,7 @@ def row_statistics(rs: Resampler, *, ce_clean: np.ndarray, ce_int: np.ndarray, k
         out.update({key: math.nan for key in CONTROL_COLUMNS})
 
     with np.errstate(invalid="ignore", divide="ignore"):
-        rel = np.abs(coef) * dir_norm / resid_norm
+        rel = np.abs(coef) * dir_norm / resid_norm if scale is None else np.abs(coef) * scale * dir_norm / resid_norm
     out["dose_rel_norm"] = masked_mean(rel, live)
     out["push_max_act"] = masked_mean(coef, live) / max_act if max_act > 0 else math.nan
 

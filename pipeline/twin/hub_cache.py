@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 # Extensions the real repos keep in Git LFS (their etag is the sha256 of the content).
-LFS_SUFFIXES = (".safetensors", ".parquet", ".bin", ".h5", ".msgpack", ".ot", ".onnx")
+# (.npz and .model as in the default .gitattributes of a hub repo: Gemma Scope's params.npz is an LFS file.)
+LFS_SUFFIXES = (".safetensors", ".parquet", ".bin", ".h5", ".msgpack", ".ot", ".onnx", ".npz", ".model")
 
 
 def git_blob_sha1(content: bytes) -> str:

@@ -62,7 +62,7 @@ def test_unknown_key_is_refused_by_name_with_a_suggestion():
         ({"features_per_layer": 0}, r"features_per_layer is 0"),
         ({"live_percentile": 101}, r"live_percentile is 101.0; allowed: a value in \[0, 100\]"),
         ({"batch_size": 0}, r"batch_size is 0"),
-        ({"preset": "gpt3"}, r"preset is 'gpt3'; allowed: one of gpt2-small, toy"),
+        ({"preset": "gpt3"}, r"preset is 'gpt3'; allowed: one of gpt2-small, gemma-2-2b, toy"),
         ({"device": "tpu"}, r"device is 'tpu'; allowed: auto, cpu, cuda, cuda:N or mps"),
         ({"dtype": "float64"}, r"dtype is 'float64'; allowed: one of float32, bfloat16, float16"),
         ({"feature_source": "wiki"}, r"feature_source is 'wiki'"),

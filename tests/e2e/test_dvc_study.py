@@ -60,7 +60,7 @@ def test_toy_study_runs_end_to_end_with_every_output(project):
         assert len(detail["features"]) == 5
 
     per_feature = pd.read_csv(project / "metrics/per_feature_metrics.csv")
-    assert list(per_feature.columns) == PER_FEATURE_COLUMNS
+    assert tuple(per_feature.columns) == PER_FEATURE_COLUMNS
     assert len(per_feature) == 2 * 5 * 5
     per_layer = pd.read_csv(project / "metrics/per_layer_summary.csv")
     assert len(per_layer) == 2 * 5

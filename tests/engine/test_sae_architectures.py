@@ -312,7 +312,7 @@ def test_engine_logits_equal_sae_lens_splice_for_every_accepted_sae(case, alpha)
 @pytest.mark.parametrize("case,message", [
     (("temporal", {"n_heads": 2, "bottleneck_factor": 4}), "temporal SAE"),
     (("transcoder", {"d_out": 16, "apply_b_dec_to_input": False}), "transcoder"),
-    (("standard", {"normalize_activations": "layer_norm"}), "normalises its input"),
+    (("standard", {"normalize_activations": "expected_average_only_in"}), "normalises its input"),
 ])
 def test_saes_whose_splice_is_not_a_feature_direction_are_refused_in_one_line(case, message):
     arch, cfg = case

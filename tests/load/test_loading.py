@@ -66,6 +66,7 @@ def test_hub_loading_uses_the_release_id_and_recorded_model_kwargs(monkeypatch):
 
     monkeypatch.setattr(SAE, "from_pretrained", staticmethod(fake_sae))
     monkeypatch.setattr(HookedTransformer, "from_pretrained", staticmethod(fake_model))
+    monkeypatch.setattr(loading, "hub_tokenizer", lambda official, revision: ("tokenizer", official, revision))
     config = parse_params({"layers": [4, 11]})
     plans = plan_layers(config)
     saes = [loading.sae_from_source(config.sae_release, p, torch.device("cpu"), "float32") for p in plans]
@@ -78,6 +79,9 @@ def test_hub_loading_uses_the_release_id_and_recorded_model_kwargs(monkeypatch):
     name, kw = calls["model"]
     assert name == "gpt2-small"
     assert kw["center_writing_weights"] is True and kw["dtype"] == torch.float32
+    # the tokenizer at the same revision as the weights (here: none pinned), padding nothing on the left
+    assert kw["tokenizer"] == ("tokenizer", "gpt2", None) and kw["default_padding_side"] == "right"
+    assert "revision" not in kw
 
 
 def test_an_sae_reading_another_hook_is_refused():

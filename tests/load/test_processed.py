@@ -151,7 +151,7 @@ def test_processed_files_give_from_pretrained_logits_on_the_hub_twin(hub_twin, t
     cpu = torch.device("cpu")
     config = parse_params({"device": "cpu", "layers": [2, 11]})
     plans = plan_layers(config)
-    files = _hub_sae_files(config, plans)
+    files = _hub_sae_files(config, plans, revision=None)  # unpinned: the cached snapshot
     saes = {p.layer: sae_from_source(RELEASE, p, cpu, "float32") for p in plans}
     model = model_from_source("gpt2-small", cpu, "float32", {"center_writing_weights": True})
     write_processed("gpt2-small", model, saes, {p.layer: _sae_weights_file(config, p, files) for p in plans})

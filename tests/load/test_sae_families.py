@@ -2,7 +2,7 @@
 SAEs, Gemma-2-2B and Gemma Scope as the real loaders read them.
 
 The first part proves pipeline.engine.normalization against SAE-Lens's own splice on random SAEs
-built with SAE-Lens's classes; the second builds a tiny twin once (module scope) and loads it with
+built with SAE-Lens's classes; the second reads the session's tiny hub twin and loads it with
 SAE-Lens, TransformerLens and transformers, offline.
 """
 

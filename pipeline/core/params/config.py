@@ -42,6 +42,13 @@ class Preset:
     # before the files exist, so `plan` and the checks can answer at second 1.
     built_layers: int | None = None
     built_sae_folder: str | None = None  # "{layer}" is filled in
+    # The SAE id of each layer where the release has several SAEs at one hook (Gemma Scope's widths); applied
+    # only while sae_release is the preset's own.
+    sae_id_template: str | None = None
+    # The model's depth. dvc.yaml's `foreach: ${layers}` reads params.yaml's list as written, so a preset cannot
+    # change which intervene stages exist: a preset deeper than params.yaml's list names its layers here, and
+    # `plan` and `check` say how to run them all.
+    n_layers: int | None = None
 
     def built_sae_id(self, layer: int) -> str:
         if self.built_sae_folder is None:
@@ -60,6 +67,21 @@ PRESETS: dict[str, Preset] = {
         max_passages=200,
         max_len=256,
         offline=False,
+        n_layers=12,
+    ),
+    # Gemma-2-2B with DeepMind's Gemma Scope residual SAEs (JumpReLU, the canonical width-16k one per layer), on
+    # WikiText-2. The hub repos are gated: a Hugging Face token and the accepted licence are needed.
+    "gemma-2-2b": Preset(
+        model="gemma-2-2b",
+        sae_release="gemma-scope-2b-pt-res-canonical",
+        hook="resid_post",
+        corpus="wikitext-2",
+        feature_source="neuronpedia",
+        max_passages=200,
+        max_len=256,
+        offline=False,
+        sae_id_template="layer_{layer}/width_16k/canonical",
+        n_layers=26,
     ),
     # The same pipeline offline: a 12-layer byte-level model and its SAEs, built by the `model`
     # stage into data/toy/ and loaded back like any local model; Python's own documentation
@@ -75,6 +97,7 @@ PRESETS: dict[str, Preset] = {
         offline=True,
         built_layers=12,
         built_sae_folder="blocks.{layer}.hook_resid_post",
+        n_layers=12,
     ),
 }
 
@@ -88,7 +111,7 @@ DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 class Param:
     """How one params.yaml key is read: its kind, default, help line and check."""
 
-    kind: str  # "int", "float", "str", "int_list", "float_list", "str_list"
+    kind: str  # "int", "float", "str", "int_list", "float_list", "str_list", "str_map"
     default: Any
     help: str
     nullable: bool = False
@@ -125,6 +148,29 @@ def _layers_ok(v: list[int]) -> str | None:
     return None
 
 
+def _sae_id_template_ok(v: str) -> str | None:
+    if "{layer}" not in v:
+        return "an SAE id with {layer} where the layer number goes, e.g. layer_{layer}/width_16k/canonical"
+    try:
+        v.format(layer=0)
+    except (KeyError, IndexError, ValueError):
+        return "an SAE id whose only placeholder is {layer}"
+    return None
+
+
+_COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
+_REPO_RE = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+
+
+def _revisions_ok(v: dict[str, str]) -> str | None:
+    for repo, commit in v.items():
+        if not _REPO_RE.match(repo):
+            return f"hub repo ids such as google/gemma-2-2b or gpt2 as keys ({repo!r} is not one)"
+        if not _COMMIT_RE.match(commit):
+            return f"a 40-character commit hash per repo ({repo}: {commit!r} is not one; a branch or tag is not a pin)"
+    return None
+
+
 def _positive(v: float) -> str | None:
     return None if v > 0 else "a number > 0"
 
@@ -149,6 +195,10 @@ class Config:
     preset: str = param("str", "gpt2-small", "model + SAEs + corpus bundle", check=_choice(tuple(PRESETS)))
     model: str = param("str", None, "TransformerLens model name or local model directory", nullable=True)
     sae_release: str = param("str", None, "SAE-Lens release or local directory of SAEs", nullable=True)
+    sae_id_template: str = param("str", None, "the SAE id per layer where a hook has several ({layer} filled in)",
+                                 nullable=True, check=_sae_id_template_ok)
+    hub_revisions: dict[str, str] = param("str_map", None, "hub repo -> commit the model stage loads (null: the "
+                                          "newest)", nullable=True, check=_revisions_ok)
     hook: str = param("str", None, "residual hook the SAEs read", nullable=True, check=_choice(HOOKS))
     corpus: str = param("str", None, "wikitext-2, python-docs or a .txt file", nullable=True)
     layers: tuple[int, ...] = param("int_list", list(range(12)), "layers to intervene at", check=_layers_ok)
@@ -203,6 +253,8 @@ PARAM_SPECS: dict[str, Param] = {f.name: f.metadata["param"] for f in fields(Con
 PRESET_KEYS = tuple(f.name for f in fields(Preset) if f.name in PARAM_SPECS)
 # Config properties and the keys they read.
 DERIVED_KEYS = {"preset_info": ("preset",), "model_is_local": ("model",), "saes_are_local": ("sae_release",),
+                # a null sae_id_template is the preset's only while sae_release is the preset's own
+                "sae_id_template": ("sae_id_template", "sae_release", "preset"),
                 # null generate_alphas is resolved from alpha_sweep (as written, not with `alpha` added) and
                 # the intervention's identity: a stage reading it depends on those two keys as well.
                 "generate_alphas": ("generate_alphas", "alpha_sweep", "intervention")}
@@ -237,6 +289,10 @@ def _coerce(key: str, field: Param, value: Any, source: str) -> Any:
             raise UserError(f"{where} is {_describe(value)}; it needs a list such as [0, 1, 2]")
         conv = _as_int if kind == "int_list" else _as_float
         value = [conv(f"{where}[{i}]", v) for i, v in enumerate(value)]
+    elif kind == "str_map":
+        if not isinstance(value, dict):
+            raise UserError(f"{where} is {_describe(value)}; it needs a mapping such as {{google/gemma-2-2b: <commit>}}")
+        value = {_as_str(f"{where} key", k): _as_str(f"{where}[{k}]", v).strip() for k, v in value.items()}
     elif kind == "str_list":
         if not isinstance(value, list):
             raise UserError(f"{where} is {_describe(value)}; it needs a list of strings such as [\"The\"]")
@@ -256,6 +312,7 @@ def _kind_text(kind: str) -> str:
         "int_list": "a list of integers",
         "float_list": "a list of numbers",
         "str_list": "a list of strings",
+        "str_map": "a mapping of strings",
     }[kind]
 
 
@@ -300,6 +357,8 @@ def parse_params(raw: Any, source: str = "params.yaml") -> Config:
     for key in ("model", "sae_release", "hook", "corpus", "feature_source", "max_passages", "max_len"):
         if values[key] is None:
             values[key] = getattr(preset, key)
+    if values["sae_id_template"] is None and values["sae_release"] == preset.sae_release:
+        values["sae_id_template"] = preset.sae_id_template
 
     if values["min_density"] > values["max_density"]:
         raise UserError(

@@ -11,10 +11,16 @@ so a release that only has resid_pre SAEs (gpt2-small-res-jb) still covers resid
 0..10 through the next block's resid_pre SAE, and layer 11 through `blocks.11.hook_resid_post`.
 For a local directory of SAEs (one SAE-Lens `save_model` folder per hook) the hook is read from
 each folder's cfg.json.
+
+An SAE id is not always a hook name: Gemma Scope's are `layer_N/width_16k/canonical`. `sae_hook` says which
+hook an id reads without loading it (`gemma_2_hook`: SAE-Lens's `get_gemma_2_config_from_hf` rule, from the
+id's folder name). Where a release has several SAEs at one hook (Gemma Scope: widths 16k and 65k, and wider
+ones at three layers), `sae_id_template` (e.g. `layer_{layer}/width_16k/canonical`) names the one per layer.
 """
 
 from __future__ import annotations
 
+import difflib
 import functools
 import importlib.util
 import json
@@ -43,6 +49,7 @@ class LayerPlan:
     sae_release: str
     sae_id: str  # id in the release, or folder name for a local directory
     neuronpedia: str | None  # e.g. gpt2-small/4-res-jb
+    sae_hook: str | None = None  # the hook the SAE reads (same tensor as `hook`); None when not known before loading
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -94,6 +101,36 @@ def pretrained_directory() -> dict[str, ReleaseInfo]:
     return directory
 
 
+_HOOK_ID_RE = re.compile(r"^blocks\.\d+\.(hook_[a-z_]+|attn\.hook_[a-z_]+|mlp\.hook_[a-z_]+)$|^hook_embed$")
+_GEMMA_LAYER_RE = re.compile(r"layer_(\d+)")
+
+
+def gemma_2_hook(repo_id: str, folder: str) -> str | None:
+    """The hook of a Gemma Scope SAE from its repo and folder, as SAE-Lens's `get_gemma_2_config_from_hf` sets
+    `hook_name` (it reads no file either; tests/plan/test_sae_ids.py checks every gemma_2 id against it)."""
+    match = _GEMMA_LAYER_RE.search(folder)
+    if match is None:
+        return "hook_embed" if "res" in repo_id and "embedding" in folder else None
+    layer = int(match.group(1))
+    if "res" in repo_id:
+        return "hook_embed" if "embedding" in folder else f"blocks.{layer}.hook_resid_post"
+    if "mlp" in repo_id:
+        return f"blocks.{layer}.hook_mlp_out"
+    if "att" in repo_id:
+        return f"blocks.{layer}.attn.hook_z"
+    return None
+
+
+def sae_hook(info: ReleaseInfo, sae_id: str) -> str | None:
+    """The hook an SAE of the release reads, without loading it: the id itself where it is a hook name (res-jb,
+    OpenAI's v5), the gemma_2 loader's rule for Gemma Scope, else None (known after loading)."""
+    if _HOOK_ID_RE.match(sae_id):
+        return sae_id
+    if info.conversion_func == "gemma_2":
+        return gemma_2_hook(info.repo_id, info.saes_map[sae_id])
+    return None
+
+
 def equivalent_hooks(hook: str, layer: int, n_layers: int | None) -> list[str]:
     """Hook names carrying the same tensor as `hook` at `layer`, the exact name first."""
     names = [hook_name(hook, layer)]
@@ -135,17 +172,36 @@ def _toy_unbuilt(config: Config) -> bool:
             and not Path(config.sae_release).is_dir())
 
 
-def available_saes(config: Config) -> tuple[dict[str, str], dict[str, str | None], str]:
-    """(hook-or-id -> SAE id, SAE id -> Neuronpedia source, description) for the release."""
+@dataclass(frozen=True)
+class ReleaseSAEs:
+    """The SAEs a study can choose from: hook -> SAE ids reading it, and each id's Neuronpedia source."""
+
+    ids_at: dict[str, list[str]]  # hook name -> SAE ids (folder names for a local directory)
+    hook_of: dict[str, str | None]  # SAE id -> its hook (None: known after loading)
+    neuronpedia: dict[str, str | None]  # SAE id -> Neuronpedia source
+    where: str  # "release X", for messages
+
+    @classmethod
+    def of(cls, hook_of: dict[str, str | None], neuronpedia: dict[str, str | None], where: str) -> ReleaseSAEs:
+        ids_at: dict[str, list[str]] = {}
+        for sae_id, hook in hook_of.items():
+            if hook is not None:
+                ids_at.setdefault(hook, []).append(sae_id)
+        return cls(ids_at, hook_of, neuronpedia, where)
+
+
+def available_saes(config: Config) -> ReleaseSAEs:
+    """The release's (or SAE directory's) SAEs, with the hook each reads, resolved without weights."""
     if _toy_unbuilt(config):
         preset = config.preset_info
-        ids = {preset.built_sae_id(layer): preset.built_sae_id(layer) for layer in range(preset.built_layers)}
-        return ids, {}, f"{config.preset} SAEs (built by the model stage into {config.sae_release})"
+        ids = [preset.built_sae_id(layer) for layer in range(preset.built_layers)]
+        return ReleaseSAEs.of({i: i for i in ids}, {}, f"{config.preset} SAEs (built by the model stage into "
+                                                       f"{config.sae_release})")
     if config.saes_are_local:
         # A local SAE saved by SAE-Lens keeps its Neuronpedia id in cfg.json's metadata.
         local = _local_saes(config.sae_release)
-        return ({hook: folder for hook, (folder, _) in local.items()},
-                {folder: np_id for folder, np_id in local.values()}, f"SAE directory {config.sae_release}")
+        return ReleaseSAEs.of({folder: hook for hook, (folder, _) in local.items()},
+                              {folder: np_id for folder, np_id in local.values()}, f"SAE directory {config.sae_release}")
     directory = pretrained_directory()
     if config.sae_release not in directory:
         stem = config.model.split("/")[-1]
@@ -155,13 +211,14 @@ def available_saes(config: Config) -> tuple[dict[str, str], dict[str, str | None
             f"directory; releases for {stem} include: {', '.join(close) or 'none'}"
         )
     info = directory[config.sae_release]
-    return {sid: sid for sid in info.saes_map}, info.neuronpedia_id, f"release {config.sae_release}"
+    return ReleaseSAEs.of({sid: sae_hook(info, sid) for sid in info.saes_map}, info.neuronpedia_id,
+                          f"release {config.sae_release}")
 
 
 def model_n_layers(config: Config) -> int | None:
     """The model's depth without loading weights: a local model's config.json; for a hub model,
-    the deepest block the release reads when its SAEs cover every block up to it (res-jb and the
-    v5 releases do); None when that cannot be told (checked by the model stage after loading)."""
+    the deepest block the release reads when its SAEs cover every block up to it (res-jb, the
+    v5 releases and Gemma Scope do); None when that cannot be told (checked by the model stage after loading)."""
     if config.model_is_local and not _toy_unbuilt(config):
         cfg_path = Path(config.model) / "config.json"
         if not cfg_path.exists():
@@ -170,31 +227,64 @@ def model_n_layers(config: Config) -> int | None:
                 "`dvc repro model` (or `python -m pipeline model`) first"
             )
         return int(json.loads(cfg_path.read_text(encoding="utf-8"))["n_layers"])
-    ids, _, _ = available_saes(config)
-    blocks = {int(m.group(1)) for m in map(_BLOCK_RE.match, ids) if m}
+    saes = available_saes(config)
+    blocks = {int(m.group(1)) for m in map(_BLOCK_RE.match, saes.ids_at) if m}
     if not blocks or blocks != set(range(max(blocks) + 1)):
         return None
     return max(blocks) + 1
+
+
+def _listed(items: list[str], n: int = 6) -> str:
+    return ", ".join(items[:n]) + (", ..." if len(items) > n else "")
+
+
+def sae_for_layer(config: Config, saes: ReleaseSAEs, layer: int, n_layers: int | None) -> str | None:
+    """The SAE id that reads `config.hook` at `layer` (or the same tensor), None if the release has none there.
+
+    With `sae_id_template` the id is the template's, checked against the release and, where its hook is known
+    without loading, against the layer's hook; without it the hook must have exactly one SAE."""
+    candidates = equivalent_hooks(config.hook, layer, n_layers)
+    template = config.sae_id_template
+    if template is not None:
+        sae_id = template.format(layer=layer)
+        if sae_id not in saes.hook_of:
+            close = difflib.get_close_matches(sae_id, list(saes.hook_of), n=3)
+            raise UserError(f"sae_id_template '{template}' gives '{sae_id}' for layer {layer}, which {saes.where} does "
+                            f"not have; close ids: {', '.join(close) or _listed(sorted(saes.hook_of))}")
+        hook = saes.hook_of[sae_id]
+        if hook is not None and hook not in candidates:
+            raise UserError(f"SAE {sae_id} ({saes.where}) reads {hook}, not {' or '.join(candidates)} (layer {layer}, "
+                            f"hook {config.hook}); fix sae_id_template '{template}'")
+        return sae_id
+    found = [(h, sae_id) for h in candidates for sae_id in saes.ids_at.get(h, [])]
+    if len(found) > 1 and len({h for h, _ in found}) == 1:
+        ids = [sae_id for _, sae_id in found]
+        raise UserError(f"{saes.where} has {len(ids)} SAEs at {found[0][0]} (layer {layer}): {_listed(ids)}; choose one "
+                        f"per layer with sae_id_template, e.g. '{_template_hint(ids[0], layer)}'")
+    return found[0][1] if found else None
+
+
+def _template_hint(sae_id: str, layer: int) -> str:
+    return re.sub(rf"(?<![0-9]){layer}(?![0-9])", "{layer}", sae_id, count=1)
 
 
 def plan_layers(config: Config, n_layers: int | None = None, layers: tuple[int, ...] | None = None
                 ) -> list[LayerPlan]:
     """Resolve every layer of `layers` (default: `config.layers`) to its hook, SAE id and Neuronpedia source."""
     layers = config.layers if layers is None else layers
-    id_of, neuronpedia_of, where = available_saes(config)
+    saes = available_saes(config)
     if n_layers is None:
         n_layers = model_n_layers(config)
     if n_layers is not None:
         check_layers_in_range(layers, n_layers)
     plans = []
     for layer in layers:
-        candidates = equivalent_hooks(config.hook, layer, n_layers)
-        sae_id = next((id_of[h] for h in candidates if h in id_of), None)
+        sae_id = sae_for_layer(config, saes, layer, n_layers)
         if sae_id is None:
-            have = sorted(id_of)
+            candidates = equivalent_hooks(config.hook, layer, n_layers)
             raise UserError(
-                f"{where} has no SAE at {' or '.join(candidates)} (layer {layer}); "
-                f"it has: {', '.join(have[:6])}{', ...' if len(have) > 6 else ''}"
+                f"{saes.where} has no SAE at {' or '.join(candidates)} (layer {layer}); "
+                f"it has: {_listed(sorted(saes.hook_of))}"
             )
         plans.append(
             LayerPlan(
@@ -203,7 +293,8 @@ def plan_layers(config: Config, n_layers: int | None = None, layers: tuple[int, 
                 resume_at=resume_index(config.hook, layer),
                 sae_release=config.sae_release,
                 sae_id=sae_id,
-                neuronpedia=neuronpedia_of.get(sae_id),
+                neuronpedia=saes.neuronpedia.get(sae_id),
+                sae_hook=saes.hook_of.get(sae_id),
             )
         )
     return plans

@@ -49,7 +49,8 @@ class LayerEntry:
 
     def plan(self) -> LayerPlan:
         return LayerPlan(layer=self.layer, hook=self.hook, resume_at=self.resume_at,
-                         sae_release=self.sae_release, sae_id=self.sae_id, neuronpedia=self.neuronpedia)
+                         sae_release=self.sae_release, sae_id=self.sae_id, neuronpedia=self.neuronpedia,
+                         sae_hook=self.sae_hook_name)
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,16 @@ def forward_passes(config: Config) -> dict[str, int]:
     }
 
 
+def layers_note(config: Config) -> str | None:
+    """A preset deeper than params.yaml's `layers` (dvc.yaml's foreach reads that list as written): how to run all."""
+    depth = config.preset_info.n_layers
+    if depth is None or len(config.layers) >= depth:
+        return None
+    every = ",".join(str(layer) for layer in range(depth))
+    return (f"{len(config.layers)} of {config.model}'s {depth} layers: dvc.yaml's `foreach: ${{layers}}` runs the "
+            f"layers params.yaml lists; for every layer run with -S 'layers=[{every}]'")
+
+
 def build_plan(config: Config) -> dict[str, Any]:
     layers = plan_layers(config)
     return {
@@ -42,6 +52,8 @@ def build_plan(config: Config) -> dict[str, Any]:
         "model": config.model,
         "model_from_pretrained_kwargs": model_from_pretrained_kwargs(config),
         "sae_release": config.sae_release,
+        "sae_id_template": config.sae_id_template,
+        "hub_revisions": config.hub_revisions or {},
         "hook": config.hook,
         "corpus": config.corpus,
         "passages": config.max_passages,
@@ -57,9 +69,10 @@ def build_plan(config: Config) -> dict[str, Any]:
         "batch_size": config.batch_size,
         "layers": [
             {"layer": p.layer, "hook": p.hook, "sae_release": p.sae_release, "sae_id": p.sae_id,
-             "neuronpedia": p.neuronpedia}
+             "sae_hook": p.sae_hook, "neuronpedia": p.neuronpedia}
             for p in layers
         ],
+        "layers_note": layers_note(config),
         "forward_passes": forward_passes(config),
     }
 
@@ -69,16 +82,22 @@ def format_plan(plan: dict[str, Any]) -> str:
     lines = [
         f"preset        {plan['preset']}",
         f"model         {plan['model']}" + (f"  {plan['model_from_pretrained_kwargs']}" if plan["model_from_pretrained_kwargs"] else ""),
-        f"SAEs          {plan['sae_release']} at {plan['hook']}",
+        f"SAEs          {plan['sae_release']} at {plan['hook']}"
+        + (f" (ids: {plan['sae_id_template']})" if plan["sae_id_template"] else ""),
         f"corpus        {plan['corpus']}: {plan['passages']} passages x {plan['max_len']} tokens (seed {plan['seed']})",
         f"features      {plan['features_per_layer']} per layer from {plan['feature_source']}",
         f"intervention  {plan['intervention']}, alphas {', '.join(f'{a:g}' for a in plan['alphas'])} (headline {plan['alpha']:g})",
         f"device        {plan['device']}, {plan['dtype']}, batch_size {plan['batch_size']}",
-        "",
-        f"{'layer':>5}  {'hook':<26} {'SAE id':<28} neuronpedia",
     ]
+    if plan["hub_revisions"]:
+        lines.append("revisions     " + ", ".join(f"{repo}@{commit[:12]}" for repo, commit in plan["hub_revisions"].items()))
+    if plan["layers_note"]:
+        lines.append(f"layers        {plan['layers_note']}")
+    id_width = max(28, *(len(row["sae_id"]) for row in plan["layers"]))
+    lines += ["", f"{'layer':>5}  {'hook':<26} {'SAE id':<{id_width}} {'SAE reads':<26} neuronpedia"]
     for row in plan["layers"]:
-        lines.append(f"{row['layer']:>5}  {row['hook']:<26} {row['sae_id']:<28} {row['neuronpedia'] or '-'}")
+        lines.append(f"{row['layer']:>5}  {row['hook']:<26} {row['sae_id']:<{id_width}} "
+                     f"{row['sae_hook'] or '(known after loading)':<26} {row['neuronpedia'] or '-'}")
     lines += [
         "",
         f"forward passes ({fp['tokens_per_pass']} tokens each): {fp['clean_prefix_passes']:,} clean prefix + "
