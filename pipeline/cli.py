@@ -85,7 +85,7 @@ def _one_line_errors(on_interrupt: str) -> Iterator[None]:
         raise typer.Exit(143) from None
 
 
-def _run(target: str, *args: Any) -> Any:
+def _run(target: str, *args: Any, overrides: list[str] | None = None) -> Any:
     """Load and validate params, then import and call `module:function` with them.
 
     Params are checked before the stage's module is imported, so a typo costs a fraction of a
@@ -94,7 +94,7 @@ def _run(target: str, *args: Any) -> Any:
     with _one_line_errors("finished outputs are kept, nothing half-written"):
         from pipeline.core.params.config import load_config
 
-        config = load_config(_state.params)
+        config = load_config(_state.params, overrides or ())
         module, name = target.split(":")
         fn: Callable[..., Any] = getattr(importlib.import_module(module), name)
         collect_garbage_again()
@@ -110,18 +110,21 @@ def collect_garbage_again() -> None:
 
 
 @app.command()
-def plan(as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table.")) -> None:
+def plan(as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
+         overrides: list[str] = typer.Option([], "-S", "--set", metavar="KEY=VALUE",
+                                             help="Override a param, as `dvc exp run -S` (repeatable).")) -> None:
     """Print the resolved plan (model, SAEs, hooks, Neuronpedia sources, forward passes); loads no weights."""
     from pipeline.core.plan.show import format_plan
 
-    result = _run("pipeline.core.plan.show:build_plan")
+    result = _run("pipeline.core.plan.show:build_plan", overrides=overrides)
     typer.echo(json.dumps(result, indent=2) if as_json else format_plan(result))
 
 
 @app.command()
-def check() -> None:
+def check(overrides: list[str] = typer.Option([], "-S", "--set", metavar="KEY=VALUE",
+                                             help="Override a param, as `dvc exp run -S` (repeatable).")) -> None:
     """Check params.yaml and the inputs it names (device, corpus, layers, features file) in a second."""
-    plans = _run("pipeline.preflight:preflight")
+    plans = _run("pipeline.preflight:preflight", overrides=overrides)
     typer.echo(f"check: params.yaml is valid; {len(plans)} layers resolved")
 
 

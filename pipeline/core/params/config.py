@@ -13,7 +13,7 @@ from __future__ import annotations
 import difflib
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -379,7 +379,9 @@ def parse_params(raw: Any, source: str = "params.yaml") -> Config:
     return Config(**values)
 
 
-def load_config(path: str | Path = PARAMS) -> Config:
+def load_config(path: str | Path = PARAMS, overrides: Sequence[str] = ()) -> Config:
+    """The params file, with `overrides` ("key=value", the value read as YAML, as `dvc exp run -S` reads it)
+    applied on top, validated."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path} not found; run from the repository root or pass --params FILE")
@@ -389,4 +391,22 @@ def load_config(path: str | Path = PARAMS) -> Config:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
         raise UserError(f"{path} is not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
-    return parse_params(raw, source=str(path))
+    if overrides:
+        if raw is not None and not isinstance(raw, dict):
+            raise UserError(f"{path} must be a mapping of keys to values, got {type(raw).__name__}")
+        raw = {**(raw or {}), **parse_overrides(overrides)}
+    return parse_params(raw, source=f"{path} with -S" if overrides else str(path))
+
+
+def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
+    """{"key": value} from "key=value" strings (each value read as YAML: `layers=[0,1]`, `alpha=4`)."""
+    parsed: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"-S expects key=value (as `dvc exp run -S`), got {item!r}")
+        try:
+            parsed[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise UserError(f"-S {item}: the value is not valid YAML") from None
+    return parsed
