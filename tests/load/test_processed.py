@@ -134,6 +134,7 @@ def test_processed_files_give_from_pretrained_logits_on_the_hub_twin(hub_twin, t
     from pipeline.core.plan.layers import plan_layers
     from pipeline.core.plan.record import ModelRecord
     from pipeline.load.library import model_from_source, sae_from_source
+    from pipeline.load.hub import snapshot_record
     from pipeline.load.prepare import _hub_sae_files, _sae_weights_file
     from pipeline.load.processed.store import (
         fast_model,
@@ -164,7 +165,7 @@ def test_processed_files_give_from_pretrained_logits_on_the_hub_twin(hub_twin, t
                   "d_vocab": model.cfg.d_vocab},
         "tokenizer": {"type": "hf", "name": "gpt2"},
         "layers": [p.to_dict() | {"d_sae": int(saes[p.layer].cfg.d_sae),
-                                  "hub": [{"repo_id": f.repo_id, "file": f.filename} for f in files[p.layer]]}
+                                  "hub": [snapshot_record(f) for f in files[p.layer]]}
                    for p in plans],
     })
     fresh = model_from_source("gpt2-small", cpu, "float32", {"center_writing_weights": True})
