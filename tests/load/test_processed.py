@@ -133,8 +133,8 @@ def test_processed_files_give_from_pretrained_logits_on_the_hub_twin(hub_twin, t
     from pipeline.core.params.config import parse_params
     from pipeline.core.plan.layers import plan_layers
     from pipeline.core.plan.record import ModelRecord
-    from pipeline.load.library import model_from_source, sae_from_source
     from pipeline.load.hub import snapshot_record
+    from pipeline.load.library import model_from_source, sae_from_source
     from pipeline.load.prepare import _hub_sae_files, _sae_weights_file
     from pipeline.load.processed.store import (
         fast_model,
