@@ -7,10 +7,18 @@ import gc
 import subprocess
 import sys
 
+import pytest
+
 from pipeline import cli
 from tests.conftest import ROOT
 
 SEEN: dict[str, object] = {}
+
+
+@pytest.fixture(autouse=True)
+def repo_params(monkeypatch):
+    """The repo's params.yaml, whatever file an earlier in-process CLI call (CliRunner) left in cli's state."""
+    monkeypatch.setattr(cli._state, "params", ROOT / "params.yaml")
 
 
 def record_collector(config) -> str:  # noqa: ARG001 - called by cli._run as a stage function

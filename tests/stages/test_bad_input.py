@@ -67,7 +67,7 @@ CASES = [
     ("features_per_layer > d_sae", {"features_per_layer": 513}, ["features"], "but layer 0's SAE has 512 features"),
     ("live_percentile", {"live_percentile": 150}, ["intervene", "--layer", "0"], "live_percentile is 150.0; allowed: a value in [0, 100]"),
     ("batch_size < 1", {"batch_size": 0}, ["intervene", "--layer", "0"], "batch_size is 0; allowed: a value >= 1"),
-    ("unknown preset", {"preset": "gpt5"}, ["model"], "preset is 'gpt5'; allowed: one of gpt2-small, toy"),
+    ("unknown preset", {"preset": "gpt5"}, ["model"], "preset is 'gpt5'; allowed: one of gpt2-small, gemma-2-2b, toy"),
     ("unknown device", {"device": "gpu"}, ["intervene", "--layer", "0"], "device is 'gpu'; allowed: auto, cpu"),
     ("unknown dtype", {"dtype": "int8"}, ["intervene", "--layer", "0"], "dtype is 'int8'; allowed: one of float32"),
     ("cuda where none", {"device": "cuda"}, ["intervene", "--layer", "0"], "device is 'cuda' but CUDA is not available here"),
