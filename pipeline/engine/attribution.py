@@ -122,10 +122,23 @@ class LayerScreen:
         rank[order] = np.arange(1, self.d_sae + 1)
         return rank
 
-    def table(self, alpha: float):
-        """One row per SAE feature: the columns of metrics/screen/layer_L.csv (estimate at `alpha`)."""
+    def rank_per_firing(self) -> np.ndarray:
+        """1 for the largest |slope_per_firing| among the features that fire (ties by feature index), 0 for a
+        feature that never fires (it has no per-firing reading)."""
+        firing = np.flatnonzero(self.n_firing > 0)
+        order = firing[np.lexsort((firing, -np.abs(self.slope_per_firing[firing])))]
+        rank = np.zeros(self.d_sae, dtype=np.int64)
+        rank[order] = np.arange(1, len(order) + 1)
+        return rank
+
+    def table(self, alpha: float, verified: dict[int, str] | None = None):
+        """One row per SAE feature: the columns of metrics/screen/layer_L.csv (pipeline.core.columns.SCREEN_COLUMNS),
+        the estimate at `alpha`; `verified` maps the features run exactly to their group (top, random)."""
         import pandas as pd
 
+        groups = np.full(self.d_sae, "", dtype=object)
+        for feature, group in (verified or {}).items():
+            groups[feature] = group
         return pd.DataFrame({
             "layer": self.layer,
             "feature": np.arange(self.d_sae),
@@ -138,6 +151,8 @@ class LayerScreen:
             "alpha": alpha,
             "est_delta_ce": self.estimate(alpha),
             "rank": self.rank(),
+            "rank_per_firing": self.rank_per_firing(),
+            "verified": groups,
         })
 
 

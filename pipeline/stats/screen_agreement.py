@@ -22,10 +22,9 @@ import math
 import numpy as np
 import pandas as pd
 
+from pipeline.core.columns import SCREEN_AGREEMENT_COLUMNS
+
 SUBSETS = ("random", "all")
-AGREEMENT_COLUMNS = ("layer", "alpha", "estimator", "subset", "n_features", "spearman", "spearman_lo",
-                     "spearman_hi", "pearson", "spearman_per_firing", "sign_agreement", "top_n", "top_overlap",
-                     "median_abs_rel_error")
 
 
 def _ranks(values: np.ndarray) -> np.ndarray:
@@ -88,4 +87,4 @@ def agreement(rows: pd.DataFrame, n_scored: int, top_n: int, identity: float = 1
                 scale = n_scored / part["n_firing"].to_numpy(dtype=np.float64)
                 figures = agreement_figures(part[estimator].to_numpy(), part["exact"].to_numpy(), scale, top_n)
                 out.append({"layer": layer, "alpha": alpha, "estimator": estimator, "subset": subset, **figures})
-    return pd.DataFrame(out, columns=list(AGREEMENT_COLUMNS))
+    return pd.DataFrame(out, columns=list(SCREEN_AGREEMENT_COLUMNS))
