@@ -149,8 +149,9 @@ def read_screen(layer: int) -> pd.DataFrame:
     if not path.exists():
         raise UserError(f"{path} not found; run the screen stage first (`dvc repro screen`), with layer {layer} "
                         "in params `layers`")
-    return pd.read_csv(path, keep_default_na=False, na_values=["", "nan", "NaN"],
-                       converters={"verified": str})
+    frame = pd.read_csv(path, keep_default_na=False, na_values=["", "nan", "NaN"])
+    frame["verified"] = frame["verified"].fillna("").astype(str)
+    return frame
 
 
 def read_screen_verification() -> pd.DataFrame:
