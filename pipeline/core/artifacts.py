@@ -18,6 +18,7 @@ from pipeline.core.columns import (
     PER_FEATURE_COLUMNS,
     SCREEN_AGREEMENT_COLUMNS,
     SCREEN_COLUMNS,
+    SCREEN_RANK_COLUMNS,
     SCREEN_VERIFICATION_COLUMNS,
 )
 from pipeline.core.errors import UserError
@@ -49,6 +50,9 @@ SUMMARY = METRICS / "summary.json"  # the headline: the one file dvc.yaml declar
 SUMMARY_DETAILS = METRICS / "summary_details.json"  # per layer, generation per value, the sanity checks
 GENERATION_METRICS = METRICS / "generation.csv"  # stage generate: one row per (layer, feature, alpha, decoding)
 SCREEN_DIR = METRICS / "screen"  # stage screen: every feature of every layer, and the exact verification
+# stage screen: the same per-layer tables without the headline alpha's columns, which `features` reads, so that
+# `-S alpha=4` (which reruns the screen for its estimate at alpha) leaves features.csv and generation alone
+SCREEN_RANKS_DIR = DATA / "screen"
 SCREEN_VERIFICATION = SCREEN_DIR / "verification.csv"  # one row per verified feature and value of the sweep
 SCREEN_AGREEMENT = SCREEN_DIR / "agreement.csv"  # per (layer, alpha, estimator, subset)
 SCREEN_AGREEMENT_SUMMARY = SCREEN_DIR / "agreement.json"  # for `dvc metrics diff --targets`, not in summary.json
@@ -83,6 +87,11 @@ def layer_metrics(layer: int) -> Path:
 def screen_table(layer: int) -> Path:
     """metrics/screen/layer_L.csv: one row per SAE feature of layer L."""
     return SCREEN_DIR / f"layer_{layer}.csv"
+
+
+def screen_ranks(layer: int) -> Path:
+    """data/screen/layer_L.csv: metrics/screen/layer_L.csv without its alpha-dependent columns."""
+    return SCREEN_RANKS_DIR / f"layer_{layer}.csv"
 
 
 def layer_detail(layer: int) -> Path:
@@ -139,6 +148,17 @@ def read_generation_metrics() -> pd.DataFrame:
 def read_generations() -> dict[str, Any]:
     """data/generations.json: per layer, the prompts, the features and every continuation."""
     return read_json(need(GENERATIONS, "generate"))
+
+
+def read_screen_ranks(layer: int) -> pd.DataFrame:
+    """data/screen/layer_L.csv (SCREEN_RANK_COLUMNS): what feature_source screen chooses from."""
+    import pandas as pd
+
+    path = screen_ranks(layer)
+    if not path.exists():
+        raise UserError(f"{path} not found; run the screen stage first (`dvc repro screen`), with layer {layer} "
+                        "in params `layers`")
+    return pd.read_csv(path, keep_default_na=False, na_values=["", "nan", "NaN"])
 
 
 def read_screen(layer: int) -> pd.DataFrame:
@@ -213,6 +233,7 @@ def write_screen(tables: dict[int, pd.DataFrame], verification: pd.DataFrame, ag
             raise ValueError(f"{path} needs the columns {expected}, got {list(frame.columns)}")
     for layer, frame in tables.items():
         write_csv(screen_table(layer), frame)
+        write_csv(screen_ranks(layer), frame[list(SCREEN_RANK_COLUMNS)])
     write_csv(SCREEN_VERIFICATION, verification)
     write_csv(SCREEN_AGREEMENT, agreement)
     write_json(SCREEN_AGREEMENT_SUMMARY, summary)

@@ -194,6 +194,8 @@ SCREEN_COLUMNS: tuple[str, ...] = (
     "layer", "feature", "density", "n_firing", "max_act", "mean_act_firing", "slope_delta_ce", "slope_per_firing",
     "alpha", "est_delta_ce", "rank", "rank_per_firing", "verified",
 )
+# data/screen/layer_L.csv, what `features` reads: the same without the headline alpha's columns.
+SCREEN_RANK_COLUMNS: tuple[str, ...] = tuple(c for c in SCREEN_COLUMNS if c not in ("alpha", "est_delta_ce", "verified"))
 # metrics/screen/verification.csv: one row per verified feature and value of the sweep (pipeline.engine.screen_check).
 SCREEN_VERIFICATION_COLUMNS: tuple[str, ...] = (
     "layer", "feature", "group", "alpha", "n_firing", "density", "slope_delta_ce", "estimate", "exact",

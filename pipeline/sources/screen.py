@@ -1,6 +1,7 @@
 """feature_source `screen`: the features the attribution screen estimates to move the loss most.
 
-For each layer, metrics/screen/layer_L.csv (stage `screen`, docs/screen.md) holds every SAE feature's
+For each layer, data/screen/layer_L.csv (stage `screen`, docs/screen.md; metrics/screen/layer_L.csv without the
+headline alpha's columns) holds every SAE feature's
 first-order estimate of the `scale` intervention's delta_ce. The candidates are the features that fire and whose
 density lies in [min_density, max_density]; the `features_per_layer` with the largest |slope_delta_ce| (the
 largest estimated effect at every alpha != 1; ties to the lower index) are chosen. The `intervene` stages then
@@ -34,7 +35,7 @@ def screen_choice(table: pd.DataFrame, k: int, min_density: float, max_density: 
     layer = int(table["layer"].iloc[0]) if len(table) else -1
     if len(band) < k:
         raise UserError(
-            f"layer {layer}: only {len(band)} features of {artifacts.screen_table(layer)} fire with a density in "
+            f"layer {layer}: only {len(band)} features of {artifacts.screen_ranks(layer)} fire with a density in "
             f"[{min_density:g}, {max_density:g}], fewer than features_per_layer={k}; widen min_density/max_density "
             "or use more passages")
     features = band["feature"].to_numpy()
@@ -63,8 +64,7 @@ def choose_layer(model, sae, plan: LayerPlan, table: pd.DataFrame, tokens: np.nd
                 origin = "auto label from the corpus (Neuronpedia has " + (
                     "no such feature)" if found is None else "no explanation)")
         reason = (f"screen: rank {int(row['rank'])} of {len(table)} by |estimated effect| (slope "
-                  f"{row['slope_delta_ce']:+.4g} nats per unit alpha; {row['est_delta_ce']:+.4g} at alpha "
-                  f"{row['alpha']:g}), density {row['density']:.3%} in [{min_density:g}, {max_density:g}]; {origin}")
+                  f"{row['slope_delta_ce']:+.4g} nats per unit alpha at alpha = 1), density {row['density']:.3%} in [{min_density:g}, {max_density:g}]; {origin}")
         out.append(FeatureChoice(layer=plan.layer, feature=feature, label=label, source="screen", reason=reason,
                                  density=float(row["density"]), max_act=float(row["max_act"]),
                                  neuronpedia_url=plan.neuronpedia_url(feature) or "", np_pos_tokens=pos,
@@ -77,7 +77,7 @@ def choose_from_screen(model, saes: dict, plans: dict[int, LayerPlan], tokens: n
                        client: NeuronpediaClient | None = None) -> list[FeatureChoice]:
     """`features_per_layer` features per layer from the screen's tables; Neuronpedia labels where a layer has a
     source (a client is made when one is needed and none is given)."""
-    tables = {layer: artifacts.read_screen(layer) for layer in plans}
+    tables = {layer: artifacts.read_screen_ranks(layer) for layer in plans}
     if client is None and any(plan.neuronpedia is not None for plan in plans.values()):
         client = NeuronpediaClient()
     return [choice for layer in plans

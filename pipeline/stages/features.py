@@ -49,7 +49,7 @@ def select_features(config: Config, model_record: ModelRecord) -> list[FeatureCh
 
     if config.feature_source == "screen":
         for layer in config.layers:
-            artifacts.read_screen(layer)  # a missing table is one line, before the model loads
+            artifacts.read_screen_ranks(layer)  # a missing table is one line, before the model loads
     tokens = artifacts.read_tokens()
     device = resolve_device(config.device)
     model = load_model(model_record, device, config.dtype, hooks=True)

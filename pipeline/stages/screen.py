@@ -10,7 +10,8 @@ inputs, runs the shards and writes what they return (docs/screen.md, docs/output
 - metrics/screen/verification.csv: the verified features' estimate beside the engine's exact delta_ce at every
   value of the sweep;
 - metrics/screen/agreement.csv and agreement.json: the agreement figures per (layer, alpha), the JSON for
-  `dvc metrics diff --targets metrics/screen/agreement.json` (not in summary.json, so `dvc exp show` stays narrow).
+  `dvc metrics diff --targets metrics/screen/agreement.json` (not in summary.json, so `dvc exp show` stays narrow);
+- data/screen/layer_L.csv: the per-layer tables without the headline alpha's columns, which `features` reads.
 
 One stage for all layers, like `generate`: one forward and one backward pass serve every layer.
 """

@@ -10,7 +10,12 @@ import pytest
 import torch
 
 from pipeline.core import artifacts
-from pipeline.core.columns import SCREEN_AGREEMENT_COLUMNS, SCREEN_COLUMNS, SCREEN_VERIFICATION_COLUMNS
+from pipeline.core.columns import (
+    SCREEN_AGREEMENT_COLUMNS,
+    SCREEN_COLUMNS,
+    SCREEN_RANK_COLUMNS,
+    SCREEN_VERIFICATION_COLUMNS,
+)
 from pipeline.core.errors import UserError
 from pipeline.core.io import read_json
 from pipeline.core.params.config import parse_params
@@ -64,7 +69,8 @@ def test_the_verification_runs_every_value_of_the_sweep_and_the_agreement_covers
 
 
 def outputs(root) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted((root / artifacts.SCREEN_DIR).iterdir())}
+    return {str(p.relative_to(root)): p.read_bytes()
+            for folder in (artifacts.SCREEN_DIR, artifacts.SCREEN_RANKS_DIR) for p in sorted((root / folder).iterdir())}
 
 
 def test_shards_of_layers_write_the_unsharded_bytes(toy_study, tmp_path, monkeypatch):
@@ -89,6 +95,7 @@ def test_feature_source_screen_picks_what_the_screen_ranks_first_in_the_density_
     assert (chosen["source"] == "screen").all() and chosen["label"].str.startswith("fires on").all()
     for layer in LAYERS:
         table = artifacts.read_screen(layer)
+        assert table[list(SCREEN_RANK_COLUMNS)].equals(artifacts.read_screen_ranks(layer))
         band = table[(table["density"] >= config.min_density) & (table["density"] <= config.max_density)
                      & (table["n_firing"] > 0)]
         first = band.sort_values("rank")["feature"].head(config.features_per_layer).tolist()
@@ -100,8 +107,8 @@ def test_feature_source_screen_without_the_screen_is_one_line(toy_study, tmp_pat
 
     root = copy_of_toy_study(toy_study, tmp_path / "study")
     monkeypatch.chdir(root)
-    artifacts.screen_table(11).unlink()
-    with pytest.raises(UserError, match=r"metrics/screen/layer_11.csv not found; run the screen stage"):
+    artifacts.screen_ranks(11).unlink()
+    with pytest.raises(UserError, match=r"data/screen/layer_11.csv not found; run the screen stage"):
         run_features_stage(parse_params(TOY_STUDY_PARAMS | {"feature_source": "screen"}))
 
 
