@@ -142,7 +142,7 @@ def screen_fragment(inputs: ReportInputs) -> str:
         parts.append(_figure(table, chosen, rows, layer, alpha))
         plan = inputs.model.layer(layer).plan()
         top = table.sort_values("rank").head(TOP_SHOWN)
-        parts.append(f"\nThe layer's {TOP_SHOWN} largest estimated effects ({integer(int((table['n_firing'] > 0).sum()))}"
+        parts.append(f"\nThe {TOP_SHOWN} largest estimated effects of the layer ({integer(int((table['n_firing'] > 0).sum()))}"
                      f" of {integer(len(table))} features fire on the corpus); labels where the study measured the "
                      "feature, links where the SAE has a Neuronpedia source.\n")
         parts.append("| rank | feature | estimate (nats) | density | label | link |\n|---:|---:|---:|---:|---|---|")

@@ -291,5 +291,5 @@ def test_the_screen_section_ranks_every_chosen_feature_and_shows_the_agreement_a
     assert "first order" in text and "farthest" in text  # what the estimate is, and where it fails, from numbers
     figures = [a for tag, a in page.elements if tag == "img" and (a.get("alt") or "").startswith("The screen of layer")]
     assert len(figures) == len(LAYERS) and all(f["src"].startswith("data:image/png;base64,") for f in figures)
-    assert text.count(f"The layer's {TOP_SHOWN} largest estimated effects") == len(LAYERS)
+    assert text.count(f"The {TOP_SHOWN} largest estimated effects of the layer") == len(LAYERS)
     assert text.count("| rank |") == 0  # the markdown tables were rendered
