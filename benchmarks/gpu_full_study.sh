@@ -6,13 +6,19 @@
 #     all 26 layers x 5 features x 5 alphas x 200 passages x 256 tokens, WikiText-2, Neuronpedia): it needs the
 #     network and a Hugging Face token whose account accepted Gemma's licence (`hf auth login`, or HF_TOKEN), and
 #     ~40 GB of disk (the hub cache ~18 GB, the processed model and DVC's copy of it ~21 GB); SKIP_GEMMA=1 leaves it out.
-# Each with the per-stage breakdown (start + imports, loading, work) and the peak GPU memory of each stage.
+# Each with the per-stage breakdown (start + imports, loading, work) and the peak GPU memory of each stage. Both
+# studies run the `screen` stage (every feature of every layer estimated, screen_top_k + screen_random features
+# per layer verified exactly at every alpha): the breakdown prints its pass and its verification apart, and each
+# JSON carries metrics/screen/agreement.json as `screen_agreement` (on the twin's random weights for the first, the
+# real weights for the second). 3. The screen against its forward+backward floor on all 12 GPT-2-Small-shaped layers
+# (benchmarks/screen_timing.py, 200 x 256 tokens) -> OUT_DIR/screen-timing.json.
 #
 #   bash benchmarks/gpu_full_study.sh [OUT_DIR]      # from the repository root, requirements installed
 #
 # Expected: the gpt2-small twin study well under 8 minutes on an H100-class GPU (about 1 minute of it building the
 # twin); the Gemma study has not been timed yet (the first run downloads ~18 GB).
-# Writes OUT_DIR/gpu.txt (the card), OUT_DIR/full-study.{log,json} and OUT_DIR/gemma-full-study.{log,json}.
+# Writes OUT_DIR/gpu.txt (the card), OUT_DIR/full-study.{log,json}, OUT_DIR/screen-timing.json and
+# OUT_DIR/gemma-full-study.{log,json}.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-benchmarks/gpu-$(date +%F)}
@@ -23,6 +29,8 @@ python -c "import torch; assert torch.cuda.is_available(), 'no CUDA device: this
 start=$(date +%s)
 python benchmarks/stage_breakdown.py --scale full --out "$out/full-study.json" 2>&1 | tee "$out/full-study.log"
 echo "end to end, twin build included: $(( $(date +%s) - start )) s" | tee -a "$out/full-study.log"
+python benchmarks/screen_timing.py --layers all --passages 200 --max-len 256 --batch 8 --device cuda \
+  > "$out/screen-timing.json"
 
 if [ "${SKIP_GEMMA:-0}" != 1 ]; then
   start=$(date +%s)

@@ -124,9 +124,18 @@ def stage_rows(project: Path, since: float = 0.0) -> list[dict]:
     paths = [p for p in (project / "data" / "runs").glob("*.json") if p.stat().st_mtime >= since]
     for path in sorted(paths, key=lambda p: p.stat().st_mtime):
         record = json.loads(path.read_text())
-        rows.append({key: record.get(key) for key in
-                     ("stage", "startup_s", "import_s", "load_s", "work_s", "wall_s", "device", "peak_gpu_mem_bytes")})
+        row = {key: record.get(key) for key in
+               ("stage", "startup_s", "import_s", "load_s", "work_s", "wall_s", "device", "peak_gpu_mem_bytes")}
+        if "seconds" in record:  # the screen stage: its one forward+backward pass apart from the exact verification
+            row |= {"screen_pass_s": record["seconds"]["screen"], "screen_verify_s": record["seconds"]["verify"]}
+        rows.append(row)
     return rows
+
+
+def screen_agreement(project: Path) -> dict:
+    """metrics/screen/agreement.json of the run (the screen's agreement with the exact delta_ce), if it ran."""
+    path = project / "metrics" / "screen" / "agreement.json"
+    return json.loads(path.read_text()) if path.exists() else {}
 
 
 def breakdown(stages: list[dict], dvc_wall: float) -> dict:
@@ -185,6 +194,11 @@ def print_table(result: dict) -> None:
     if result["stages"] and o["max_s"]:
         print(f"intervene stages outside their work: median {o['median_s']:.1f} s, max {o['max_s']:.1f} s "
               f"(target: <= bare import + 1 s = {result['bare_import_s'] + 1:.1f} s)")
+    for r in result["stages"]:
+        if r.get("screen_pass_s") is not None:
+            print(f"screen stage: the pass over every feature {r['screen_pass_s']:.1f} s, the exact verification "
+                  f"{r['screen_verify_s']:.1f} s (`python -m pipeline bench` times the pass against its "
+                  "forward+backward floor)")
     if "warnings" in result:
         print(f"warning lines printed by the dvc exp runs (the first one included): {len(result['warnings'])}")
     if result.get("peak_gpu_mem_bytes"):
@@ -203,7 +217,7 @@ def run_twin(args: argparse.Namespace, scratch: Path, project: Path) -> dict:
     finally:
         server.stop()
     return {"scale": args.scale, "overrides": overrides(args), "twin_build_s": twin_s, "bare_import_s": bare,
-            **breakdown(stage_rows(project), wall)}
+            **breakdown(stage_rows(project), wall), "screen_agreement": screen_agreement(project)}
 
 
 def run_real(args: argparse.Namespace, project: Path) -> dict:
@@ -214,7 +228,8 @@ def run_real(args: argparse.Namespace, project: Path) -> dict:
     for key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "NEURONPEDIA_API_URL"):
         env.pop(key, None)
     wall = dvc_exp_run(project, overrides(args), env)
-    return {"real": True, "overrides": overrides(args), "bare_import_s": bare, **breakdown(stage_rows(project), wall)}
+    return {"real": True, "overrides": overrides(args), "bare_import_s": bare, **breakdown(stage_rows(project), wall),
+            "screen_agreement": screen_agreement(project)}
 
 
 def venv_env(python: str) -> dict[str, str]:

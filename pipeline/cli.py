@@ -145,6 +145,14 @@ def tokenize() -> None:
 
 
 @app.command()
+def screen() -> None:
+    """Stage `screen`: every feature's estimated effect, a sample verified exactly -> metrics/screen/."""
+    tables = _run("pipeline.stages.screen:run_screen_stage")
+    n = sum(len(t) for t in tables.values())
+    typer.echo(f"screen: {n} features over {len(tables)} layers -> {artifacts.SCREEN_DIR}/")
+
+
+@app.command()
 def features() -> None:
     """Stage `features`: choose features_per_layer features per layer -> data/features.csv."""
     frame = _run("pipeline.stages.features:run_features_stage")

@@ -95,7 +95,8 @@ def run_dvc(args: list[str], cwd: Path, timeout: float = 900, env: dict | None =
 # session, in-process, and the tests that read a finished study share it.
 TOY_STUDY_PARAMS = {"preset": "toy", "layers": [0, 11], "max_passages": 8, "max_len": 32, "features_per_layer": 3,
                     "toy_lm_steps": 0, "toy_sae_steps": 0, "n_snippets": 2, "max_density": 0.2,
-                    "generate_tokens": 12, "generate_prompts": ["The", "I think"]}
+                    "generate_tokens": 12, "generate_prompts": ["The", "I think"], "screen_top_k": 3,
+                    "screen_random": 8}
 TOY_STUDY_PARAMS_FILE = "small.yaml"  # in the study's folder: the same params, for the command line
 REPORT_STAGE_RESULT = "report_stage.json"  # in the study's folder: what the report stage returned
 
@@ -116,10 +117,12 @@ def run_stages(config) -> None:
     from pipeline.stages.intervene import run_intervene_stage
     from pipeline.stages.model import run_model_stage
     from pipeline.stages.plot import run_plot_stage
+    from pipeline.stages.screen import run_screen_stage
     from pipeline.stages.tokenize import run_tokenize_stage
 
     run_model_stage(config)
     run_tokenize_stage(config)
+    run_screen_stage(config)
     run_features_stage(config)
     for layer in config.layers:
         run_intervene_stage(config, layer)

@@ -31,6 +31,7 @@ from pipeline.bench.references import (
     plain_way,
     precision_cost,
 )
+from pipeline.bench.screen import screen_timing
 from pipeline.core.errors import UserError
 from pipeline.core.io import write_json
 from pipeline.core.params.config import DTYPES
@@ -182,6 +183,8 @@ def run_bench(device: str = "auto", out: Path | None = None, quick: bool = False
     if not full:
         results["generation"] = generation_throughput(dev, quick, log)
         results["generation_tokens_per_s"] = results["generation"]["tokens_per_s"]
+        results["screen"] = screen_timing(dev, quick, log)
+        results["screen_over_floor"] = results["screen"]["screen_over_floor"]
     _table(results, log)
     if out is not None:
         write_json(out, results)

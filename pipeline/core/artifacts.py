@@ -12,7 +12,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipeline.core.columns import FEATURE_COLUMNS, GENERATION_COLUMNS, PER_FEATURE_COLUMNS
+from pipeline.core.columns import (
+    FEATURE_COLUMNS,
+    GENERATION_COLUMNS,
+    PER_FEATURE_COLUMNS,
+    SCREEN_AGREEMENT_COLUMNS,
+    SCREEN_COLUMNS,
+    SCREEN_RANK_COLUMNS,
+    SCREEN_VERIFICATION_COLUMNS,
+)
 from pipeline.core.errors import UserError
 from pipeline.core.io import read_json, write_csv, write_json, write_npy
 
@@ -41,6 +49,13 @@ PER_LAYER = METRICS / "per_layer_summary.csv"
 SUMMARY = METRICS / "summary.json"  # the headline: the one file dvc.yaml declares under metrics
 SUMMARY_DETAILS = METRICS / "summary_details.json"  # per layer, generation per value, the sanity checks
 GENERATION_METRICS = METRICS / "generation.csv"  # stage generate: one row per (layer, feature, alpha, decoding)
+SCREEN_DIR = METRICS / "screen"  # stage screen: every feature of every layer, and the exact verification
+# stage screen: the same per-layer tables without the headline alpha's columns, which `features` reads, so that
+# `-S alpha=4` (which reruns the screen for its estimate at alpha) leaves features.csv and generation alone
+SCREEN_RANKS_DIR = DATA / "screen"
+SCREEN_VERIFICATION = SCREEN_DIR / "verification.csv"  # one row per verified feature and value of the sweep
+SCREEN_AGREEMENT = SCREEN_DIR / "agreement.csv"  # per (layer, alpha, estimator, subset)
+SCREEN_AGREEMENT_SUMMARY = SCREEN_DIR / "agreement.json"  # for `dvc metrics diff --targets`, not in summary.json
 
 PLOTS = Path("plots")
 LAYER_DCE_CSV = PLOTS / "layer_dce.csv"
@@ -67,6 +82,16 @@ def processed_dir(preset: str) -> Path:
 
 def layer_metrics(layer: int) -> Path:
     return LAYER_METRICS_DIR / f"layer_{layer}.csv"
+
+
+def screen_table(layer: int) -> Path:
+    """metrics/screen/layer_L.csv: one row per SAE feature of layer L."""
+    return SCREEN_DIR / f"layer_{layer}.csv"
+
+
+def screen_ranks(layer: int) -> Path:
+    """data/screen/layer_L.csv: metrics/screen/layer_L.csv without its alpha-dependent columns."""
+    return SCREEN_RANKS_DIR / f"layer_{layer}.csv"
 
 
 def layer_detail(layer: int) -> Path:
@@ -125,6 +150,42 @@ def read_generations() -> dict[str, Any]:
     return read_json(need(GENERATIONS, "generate"))
 
 
+def read_screen_ranks(layer: int) -> pd.DataFrame:
+    """data/screen/layer_L.csv (SCREEN_RANK_COLUMNS): what feature_source screen chooses from."""
+    import pandas as pd
+
+    path = screen_ranks(layer)
+    if not path.exists():
+        raise UserError(f"{path} not found; run the screen stage first (`dvc repro screen`), with layer {layer} "
+                        "in params `layers`")
+    return pd.read_csv(path, keep_default_na=False, na_values=["", "nan", "NaN"])
+
+
+def read_screen(layer: int) -> pd.DataFrame:
+    """metrics/screen/layer_L.csv (SCREEN_COLUMNS); `verified` is "" for features not run exactly."""
+    import pandas as pd
+
+    path = screen_table(layer)
+    if not path.exists():
+        raise UserError(f"{path} not found; run the screen stage first (`dvc repro screen`), with layer {layer} "
+                        "in params `layers`")
+    frame = pd.read_csv(path, keep_default_na=False, na_values=["", "nan", "NaN"])
+    frame["verified"] = frame["verified"].fillna("").astype(str)
+    return frame
+
+
+def read_screen_verification() -> pd.DataFrame:
+    import pandas as pd
+
+    return pd.read_csv(need(SCREEN_VERIFICATION, "screen"))
+
+
+def read_screen_agreement() -> pd.DataFrame:
+    import pandas as pd
+
+    return pd.read_csv(need(SCREEN_AGREEMENT, "screen"))
+
+
 def read_per_feature() -> pd.DataFrame:
     """metrics/per_feature_metrics.csv; empty cells are NaN, a token or label "NA" stays text."""
     import pandas as pd
@@ -158,3 +219,21 @@ def write_generation_metrics(frame: pd.DataFrame) -> None:
     if tuple(frame.columns) != GENERATION_COLUMNS:
         raise ValueError(f"{GENERATION_METRICS} needs the columns {GENERATION_COLUMNS}, got {list(frame.columns)}")
     write_csv(GENERATION_METRICS, frame)
+
+
+def write_screen(tables: dict[int, pd.DataFrame], verification: pd.DataFrame, agreement: pd.DataFrame,
+                 summary: dict[str, Any]) -> None:
+    """Everything of metrics/screen/: each layer's table, the verification rows, the agreement table and summary."""
+    for layer, frame in tables.items():
+        if tuple(frame.columns) != SCREEN_COLUMNS:
+            raise ValueError(f"{screen_table(layer)} needs the columns {SCREEN_COLUMNS}, got {list(frame.columns)}")
+    for path, frame, expected in ((SCREEN_VERIFICATION, verification, SCREEN_VERIFICATION_COLUMNS),
+                                  (SCREEN_AGREEMENT, agreement, SCREEN_AGREEMENT_COLUMNS)):
+        if tuple(frame.columns) != expected:
+            raise ValueError(f"{path} needs the columns {expected}, got {list(frame.columns)}")
+    for layer, frame in tables.items():
+        write_csv(screen_table(layer), frame)
+        write_csv(screen_ranks(layer), frame[list(SCREEN_RANK_COLUMNS)])
+    write_csv(SCREEN_VERIFICATION, verification)
+    write_csv(SCREEN_AGREEMENT, agreement)
+    write_json(SCREEN_AGREEMENT_SUMMARY, summary)

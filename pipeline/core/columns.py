@@ -188,3 +188,22 @@ GENERATION_COLUMNS: tuple[str, ...] = (
 GENERATION_HEADLINE: tuple[str, ...] = (
     *(c for m in GENERATION_MEASURES if m.headline for c in (m.name, f"{m.name}_clean")), "frac_changed",
 )
+
+# metrics/screen/layer_L.csv, stage `screen` (pipeline.engine.attribution.LayerScreen.table): one row per SAE feature.
+SCREEN_COLUMNS: tuple[str, ...] = (
+    "layer", "feature", "density", "n_firing", "max_act", "mean_act_firing", "slope_delta_ce", "slope_per_firing",
+    "alpha", "est_delta_ce", "rank", "rank_per_firing", "verified",
+)
+# data/screen/layer_L.csv, what `features` reads: the same without the headline alpha's columns.
+SCREEN_RANK_COLUMNS: tuple[str, ...] = tuple(c for c in SCREEN_COLUMNS if c not in ("alpha", "est_delta_ce", "verified"))
+# metrics/screen/verification.csv: one row per verified feature and value of the sweep (pipeline.engine.screen_check).
+SCREEN_VERIFICATION_COLUMNS: tuple[str, ...] = (
+    "layer", "feature", "group", "alpha", "n_firing", "density", "slope_delta_ce", "estimate", "exact",
+)
+# metrics/screen/agreement.csv: per (layer, alpha, estimator, subset) (pipeline.stats.screen_agreement).
+SCREEN_AGREEMENT_COLUMNS: tuple[str, ...] = (
+    "layer", "alpha", "estimator", "subset", "n_features", "spearman", "spearman_lo", "spearman_hi", "pearson",
+    "spearman_per_firing", "sign_agreement", "top_n", "top_overlap", "median_abs_rel_error",
+)
+# metrics/screen/agreement.json, for `dvc metrics diff --targets`: these figures per layer, alpha and subset.
+SCREEN_AGREEMENT_SUMMARY: tuple[str, ...] = ("spearman", "pearson", "sign_agreement", "top_overlap")

@@ -18,6 +18,7 @@ from pipeline.report.findings import reading_paragraph, sanity_checks
 from pipeline.report.generation import generation_fragment
 from pipeline.report.inputs import ReportInputs
 from pipeline.report.run_section import lead_fragment, run_fragment
+from pipeline.report.screen import screen_fragment
 from pipeline.report.statistics import intervention_fragment, statistics_method_fragment, tests_fragment
 from pipeline.report.text import (
     h,
@@ -255,6 +256,7 @@ def build_fragments(inputs: ReportInputs, rendered_by: str) -> dict[str, str]:
         "features.md": features_fragment(inputs),
         "snippets.md": snippets_fragment(inputs),
         "generation.md": generation_fragment(inputs),
+        "screen.md": screen_fragment(inputs),
         "sanity.md": sanity_fragment(inputs),
         "reading.md": reading_paragraph(inputs) + "\n",
     }

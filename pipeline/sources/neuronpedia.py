@@ -112,7 +112,7 @@ def rejection(feature: NeuronpediaFeature | None, min_density: float, max_densit
     return None
 
 
-def _tokens_json(pairs: tuple[tuple[str, float], ...]) -> str:
+def tokens_json(pairs: tuple[tuple[str, float], ...]) -> str:
     return json.dumps([[token, value] for token, value in pairs[:NP_TOP_TOKENS]], ensure_ascii=False)
 
 
@@ -128,7 +128,7 @@ def _choice(layer: int, plan: LayerPlan, feature: NeuronpediaFeature, origin: st
         layer=layer, feature=feature.index, label=best.description, source="neuronpedia", reason=reason,
         density=feature.frac_nonzero, max_act=feature.max_act,
         neuronpedia_url=plan.neuronpedia_url(feature.index) or "",
-        np_pos_tokens=_tokens_json(feature.pos_tokens), np_neg_tokens=_tokens_json(feature.neg_tokens),
+        np_pos_tokens=tokens_json(feature.pos_tokens), np_neg_tokens=tokens_json(feature.neg_tokens),
     )
 
 

@@ -13,7 +13,7 @@ class FeatureChoice:
     layer: int
     feature: int
     label: str
-    source: str  # csv | auto | neuronpedia
+    source: str  # csv | auto | neuronpedia | screen
     reason: str
     density: float = math.nan  # firing rate as the source measured it (auto: our corpus)
     max_act: float = math.nan  # largest activation the source saw

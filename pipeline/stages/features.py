@@ -1,8 +1,9 @@
 """Stage `features`: choose `features_per_layer` features per layer -> data/features.csv.
 
 Sources (`feature_source`): `csv` (a curated file, pipeline.sources.csv_file), `neuronpedia`
-(the public API with an on-disk cache, pipeline.sources.neuronpedia) or `auto` (activation
-statistics on the corpus, pipeline.sources.auto). Every row says where it came from and why.
+(the public API with an on-disk cache, pipeline.sources.neuronpedia), `auto` (activation
+statistics on the corpus, pipeline.sources.auto) or `screen` (the largest estimated effects of the
+`screen` stage, pipeline.sources.screen). Every row says where it came from and why.
 """
 
 from __future__ import annotations
@@ -46,11 +47,19 @@ def select_features(config: Config, model_record: ModelRecord) -> list[FeatureCh
         return choose_from_neuronpedia(config, model_record)
     from pipeline.sources.auto import choose_auto
 
+    if config.feature_source == "screen":
+        for layer in config.layers:
+            artifacts.read_screen_ranks(layer)  # a missing table is one line, before the model loads
     tokens = artifacts.read_tokens()
     device = resolve_device(config.device)
     model = load_model(model_record, device, config.dtype, hooks=True)
     plans = {layer: model_record.layer(layer).plan() for layer in config.layers}
     saes = {layer: load_sae(model_record, layer, device, config.dtype) for layer in config.layers}
+    if config.feature_source == "screen":
+        from pipeline.sources.screen import choose_from_screen
+
+        return choose_from_screen(model, saes, plans, tokens, load_tokenizer(model_record), config.features_per_layer,
+                                  config.min_density, config.max_density, config.batch_size)
     return choose_auto(model, saes, plans, tokens, load_tokenizer(model_record), config.features_per_layer,
                        config.min_density, config.max_density, config.batch_size)
 

@@ -14,6 +14,9 @@ from pipeline.core.columns import (
     PER_FEATURE,
     PER_FEATURE_COLUMNS,
     PER_LAYER,
+    SCREEN_AGREEMENT_COLUMNS,
+    SCREEN_COLUMNS,
+    SCREEN_VERIFICATION_COLUMNS,
 )
 from pipeline.stats.nan_rules import nan_allowed
 
@@ -53,5 +56,6 @@ def test_docs_outputs_lists_every_declared_column():
     from tests.conftest import ROOT
 
     text = (ROOT / "docs" / "outputs.md").read_text()
-    for name in (*PER_FEATURE_COLUMNS, *(a.name for a in PER_LAYER), *GENERATION_COLUMNS):
+    for name in (*PER_FEATURE_COLUMNS, *(a.name for a in PER_LAYER), *GENERATION_COLUMNS, *SCREEN_COLUMNS,
+                 *SCREEN_VERIFICATION_COLUMNS, *SCREEN_AGREEMENT_COLUMNS):
         assert f"`{name}`" in text, name

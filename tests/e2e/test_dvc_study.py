@@ -79,6 +79,13 @@ def test_toy_study_runs_end_to_end_with_every_output(project):
         assert (project / "plots" / name).stat().st_size > 0, name
     html = (project / "report/report.html").read_text()
     assert "data:image/png;base64," in html and "<math" in html
+    # the screen: every feature of both layers (the toy's d_sae is 512), verified at every alpha, in the report
+    for layer in (0, 11):
+        assert len(pd.read_csv(project / f"metrics/screen/layer_{layer}.csv")) == 512
+    agreement = json.loads((project / "metrics/screen/agreement.json").read_text())
+    assert set(agreement) == {"layer_0", "layer_11"} and set(agreement["layer_0"]) == {"alpha_0", "alpha_0.5",
+                                                                                       "alpha_2", "alpha_4"}
+    assert 'id="sec-screen"' in html
 
 
 def test_another_alpha_changes_the_metrics_and_dvc_diffs_them(project):
@@ -97,6 +104,25 @@ def test_another_alpha_changes_the_metrics_and_dvc_diffs_them(project):
     changes = json.loads(diff.stdout)["metrics/summary.json"]
     assert changes["alpha"]["old"] == 2.0 and changes["alpha"]["new"] == 4.0
     assert changes["mean_kl"]["old"] == before["mean_kl"] and changes["mean_kl"]["new"] == after["mean_kl"]
+    assert "metrics/screen/agreement.json" not in json.loads(diff.stdout)  # kept out of the headline
+
+
+def test_feature_source_screen_measures_the_screens_first_features(project):
+    result = run_dvc(["exp", "run", "-n", "screen", *SMALL, "-S", "feature_source=screen", "-S", "max_density=0.2"],
+                     project)
+    assert result.returncode == 0, result.stdout + result.stderr
+    features = pd.read_csv(project / "data/features.csv")
+    assert (features["source"] == "screen").all()
+    for layer in (0, 11):
+        ranks = pd.read_csv(project / f"data/screen/layer_{layer}.csv")
+        band = ranks[(ranks["density"] >= 1e-4) & (ranks["density"] <= 0.2) & (ranks["n_firing"] > 0)]
+        assert features.loc[features["layer"] == layer, "feature"].tolist() == band.sort_values("rank")[
+            "feature"].head(5).tolist()
+    per_feature = pd.read_csv(project / "metrics/per_feature_metrics.csv")
+    assert set(zip(per_feature["layer"], per_feature["feature"], strict=True)) == set(
+        zip(features["layer"], features["feature"], strict=True))
+    diff = run_dvc(["metrics", "diff", "base", "--targets", "metrics/screen/agreement.json", "--json"], project)
+    assert diff.returncode == 0, diff.stderr
 
 
 def test_a_plot_only_change_reruns_no_forward_pass(project):

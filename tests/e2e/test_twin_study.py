@@ -18,6 +18,7 @@ from tests.load.test_twin import SAE_REPO, SIZE, snapshot, twin_env
 from tests.neuronpedia_standin import FakeNeuronpedia
 
 pytestmark = pytest.mark.slow
+SCREEN_SIZE = ["-S", "screen_random=10"]  # the verification's sample, small for CI
 
 
 def test_the_gpt2_small_preset_runs_every_stage_on_the_twin(hub_twin, tmp_path_factory):
@@ -27,12 +28,12 @@ def test_the_gpt2_small_preset_runs_every_stage_on_the_twin(hub_twin, tmp_path_f
     project = make_project_copy(tmp_path_factory.mktemp("twin-study"))
     server = FakeNeuronpedia(synthesize=True)
     try:
-        result = run_dvc(["exp", "run", *SIZE], project, env=twin_env(twin, NEURONPEDIA_API_URL=server.url))
+        result = run_dvc(["exp", "run", *SIZE, *SCREEN_SIZE], project, env=twin_env(twin, NEURONPEDIA_API_URL=server.url))
     finally:
         server.stop()
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     ran = {line.split("'")[1] for line in result.stdout.splitlines() if line.startswith("Running stage")}
-    assert ran == {"model", "tokenize", "features", "generate", "aggregate", "plot", "report"} | {
+    assert ran == {"model", "tokenize", "screen", "features", "generate", "aggregate", "plot", "report"} | {
         f"intervene@{i}" for i in range(12)}
 
     manifest = json.loads((twin / "twin.json").read_text())
@@ -64,3 +65,21 @@ def test_the_gpt2_small_preset_runs_every_stage_on_the_twin(hub_twin, tmp_path_f
     summary = json.loads((project / "metrics/summary.json").read_text())
     assert summary["n_features"] == 12 and summary["sanity"]["identity_rows_nonzero"] == 0
     assert "data:image/png;base64," in (project / "report/report.html").read_text()
+
+    # the screen of all 12 twin SAEs, verified; then the features it ranks first, labelled from Neuronpedia
+    agreement = json.loads((project / "metrics/screen/agreement.json").read_text())
+    assert set(agreement) == {f"layer_{i}" for i in range(12)}
+    server = FakeNeuronpedia(synthesize=True)
+    try:
+        again = run_dvc(["exp", "run", *SIZE, *SCREEN_SIZE, "-S", "feature_source=screen", "-S", "max_density=1"], project,
+                        env=twin_env(twin, NEURONPEDIA_API_URL=server.url))
+    finally:
+        server.stop()
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "Running stage 'screen'" not in again.stdout  # its params did not change
+    features = pd.read_csv(project / "data/features.csv")
+    assert (features["source"] == "screen").all() and features["reason"].str.contains("Neuronpedia").all()
+    for layer in range(12):
+        ranks = pd.read_csv(project / f"data/screen/layer_{layer}.csv")
+        first = ranks[(ranks["density"] >= 1e-4) & (ranks["n_firing"] > 0)].sort_values("rank")["feature"].head(1)
+        assert features.loc[features["layer"] == layer, "feature"].tolist() == first.tolist()

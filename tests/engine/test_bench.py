@@ -76,6 +76,7 @@ def test_bench_runs_end_to_end_on_the_cpu_quick_path(small_bench, monkeypatch):
         assert key in out, key
     assert out["max_rel_diff"] < 1e-4 and out["engine_vs_float64"] < 1e-4
     assert out["generation"]["rows"] == 1 * (1 + 2 * 2) * 2 and out["generation_tokens_per_s"] > 0
+    assert out["screen"]["firing_pairs"] > 0 and out["screen_over_floor"] == out["screen"]["screen_s"] / out["screen"]["floor_s"]
 
 
 def test_full_study_headline_sums_every_layer_not_the_first(small_bench, monkeypatch):

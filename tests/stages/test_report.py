@@ -274,3 +274,22 @@ def test_the_generation_section_shows_clean_and_steered_text_side_by_side(study)
         assert "<th>Clean</th>" in head and all(f"<th>α = {a:g}</th>" in head for a in config.generate_alphas)
     figures = [a for tag, a in page.elements if tag == "img" and (a.get("alt") or a.get("aria-label") or "").startswith("Layer ")]
     assert len(figures) == len(LAYERS) and all(f["src"].startswith("data:image/png;base64,") for f in figures)
+
+
+def test_the_screen_section_ranks_every_chosen_feature_and_shows_the_agreement_and_each_layers_figure(study):
+    from pipeline.report.screen import TOP_SHOWN
+
+    root, config, _, html, page = study
+    text = page.text_of("sec-screen")
+    features = pd.read_csv(root / artifacts.FEATURES)
+    for row in features.itertuples(index=False):
+        table = pd.read_csv(root / artifacts.screen_table(row.layer))
+        assert f"{table.loc[row.feature, 'rank']} of {len(table)}" in text  # its rank among all features
+    agreement = pd.read_csv(root / artifacts.SCREEN_AGREEMENT)
+    first = agreement[agreement["estimator"] == "estimate"]
+    assert text.count("random") >= len(first) // 2 and "Spearman" in text
+    assert "first order" in text and "farthest" in text  # what the estimate is, and where it fails, from numbers
+    figures = [a for tag, a in page.elements if tag == "img" and (a.get("alt") or "").startswith("The screen of layer")]
+    assert len(figures) == len(LAYERS) and all(f["src"].startswith("data:image/png;base64,") for f in figures)
+    assert text.count(f"The {TOP_SHOWN} largest estimated effects of the layer") == len(LAYERS)
+    assert text.count("| rank |") == 0  # the markdown tables were rendered

@@ -102,7 +102,7 @@ PRESETS: dict[str, Preset] = {
 }
 
 HOOKS = ("resid_post", "resid_pre")
-FEATURE_SOURCES = ("csv", "neuronpedia", "auto")
+FEATURE_SOURCES = ("csv", "neuronpedia", "auto", "screen")
 DTYPES = ("float32", "bfloat16", "float16")
 DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
@@ -210,12 +210,17 @@ class Config:
     seed: int = param("int", 1234, "controls passage sampling, toy weights, feature choice", check=_range(0))
     max_passages: int = param("int", None, "passages sampled from the corpus", nullable=True, check=_range(1))
     max_len: int = param("int", None, "tokens per passage, BOS included", nullable=True, check=_range(3))
-    feature_source: str = param("str", None, "csv, neuronpedia or auto", nullable=True, check=_choice(FEATURE_SOURCES))
+    feature_source: str = param("str", None, "csv, neuronpedia, auto or screen", nullable=True,
+                                check=_choice(FEATURE_SOURCES))
     features_per_layer: int = param("int", 5, "features chosen per layer", check=_range(1))
     features_csv: str = param("str", "data/neuronpedia_features.csv", "curated features for feature_source csv")
     min_density: float = param("float", 1e-4, "lowest firing rate a chosen feature may have", check=_range(0, 1))
     max_density: float = param("float", 0.05, "highest firing rate a chosen feature may have", check=_range(0, 1))
     neuronpedia_max_fetch: int = param("int", 60, "neuronpedia: most candidate features fetched per layer", check=_range(1))
+    screen_top_k: int = param("int", 10, "screen: features with the largest estimated effect verified exactly per "
+                              "layer", check=_range(0))
+    screen_random: int = param("int", 50, "screen: seeded random firing features verified exactly per layer",
+                               check=_range(0))
     live_percentile: float = param("float", 90.0, "percentile of activation defining live positions", check=_range(0, 100))
     top_k_tokens: int = param("int", 10, "promoted/suppressed tokens kept per feature", check=_range(1))
     n_snippets: int = param("int", 5, "top-activating contexts kept per feature", check=_range(0))
