@@ -1,0 +1,150 @@
+"""Where the engine's time goes: one `run_layer` call timed by part (`python -m pipeline bench --profile`).
+
+The parts are the functions the engine calls, wrapped for the duration of the call (`profiled`): each wrapper
+adds its wall time, less that of the wrapped calls inside it, to its part, so the parts add up to the whole
+call; what no wrapper covers (setting up, copying results back) is the `rest`. A part called inside a group
+(the clean block, the rows) is reported under that group, so the clean suffix and the intervened ones are told
+apart. On a GPU every wrapper synchronises the device on entry and exit, which costs a little time itself.
+
+`ENGINE_PARTS` names the engine's functions; tests/engine/test_bench_profile.py checks that each still exists, so a
+renamed function fails a test instead of silently vanishing from the profile.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+# (module, attribute path in it, label, is a group). Module attributes are patched where the engine looks
+# them up (pipeline.engine.run imports them by name), methods on their class.
+ENGINE_PARTS: tuple[tuple[str, str, str, bool], ...] = (
+    ("pipeline.engine.run", "_LayerRun.prefix", "prefix forward + encoder", False),
+    ("pipeline.engine.run", "_LayerRun.clean_block", "clean block", True),
+    ("pipeline.engine.run", "_LayerRun.variant_rows", "row planning", False),
+    ("pipeline.engine.run", "_LayerRun.run_rows", "rows", True),
+    ("pipeline.engine.run", "_LayerRun.commit", "commit (results to the host)", False),
+    ("pipeline.engine.run", "final_residual", "suffix forward", False),
+    ("pipeline.engine.run", "_LayerRun.unembed", "unembedding", False),
+    ("pipeline.engine.run", "clean_side", "log-softmax and CE (float64)", False),
+    ("pipeline.engine.run", "scores", "CE and KL (divergence kernel)", False),
+    ("pipeline.engine.run", "scores_by_logsumexp", "CE and KL (float64 log-softmax)", False),
+    ("pipeline.engine.run", "_LayerRun.rescore_overflowed", "overflow check", False),
+    ("pipeline.engine.run", "centred_delta_sum", "logit deltas", False),
+)
+
+
+@dataclass
+class Profile:
+    total_s: float
+    parts: dict[str, float]  # part -> seconds, exclusive of the parts inside it; "rest" = total - sum
+
+    def table(self) -> list[str]:
+        width = max(len(k) for k in self.parts)
+        lines = [f"  {'part':<{width}} {'seconds':>8} {'share':>6}"]
+        for name, seconds in sorted(self.parts.items(), key=lambda kv: -kv[1]):
+            lines.append(f"  {name:<{width}} {seconds:8.2f} {seconds / self.total_s:6.1%}")
+        lines.append(f"  {'total (run_layer wall time)':<{width}} {self.total_s:8.2f}")
+        return lines
+
+
+class _Timer:
+    def __init__(self, sync: Callable[[], None]):
+        self.sync = sync
+        self.stack: list[list] = []  # [label, is_group, seconds spent in wrapped calls inside]
+        self.parts: dict[str, float] = {}
+
+    def key(self, label: str, is_group: bool) -> str:
+        if is_group:
+            return f"{label}: other"
+        group = next((frame[0] for frame in reversed(self.stack) if frame[1]), None)
+        return f"{group}: {label}" if group else label
+
+    def wrap(self, fn: Callable, label: str, is_group: bool) -> Callable:
+        @functools.wraps(fn)
+        def timed(*args, **kwargs):
+            self.sync()
+            key = self.key(label, is_group)
+            self.stack.append([label, is_group, 0.0])
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.sync()
+                elapsed = time.perf_counter() - start
+                inner = self.stack.pop()[2]
+                self.parts[key] = self.parts.get(key, 0.0) + elapsed - inner
+                if self.stack:
+                    self.stack[-1][2] += elapsed
+
+        return timed
+
+
+def _resolve(module: str, path: str) -> tuple[object, str]:
+    owner: object = importlib.import_module(module)
+    *outer, attr = path.split(".")
+    for name in outer:
+        owner = getattr(owner, name)
+    return owner, attr
+
+
+@contextmanager
+def profiled(parts=ENGINE_PARTS, device: torch.device | None = None) -> Iterator[dict[str, float]]:
+    """Within the block, the named functions are timed; yields the dict of part -> seconds it fills."""
+    sync = (lambda: torch.cuda.synchronize(device)) if device is not None and device.type == "cuda" else (lambda: None)
+    timer = _Timer(sync)
+    patched = []
+    try:
+        for module, path, label, is_group in parts:
+            owner, attr = _resolve(module, path)
+            original = owner.__dict__[attr] if isinstance(owner, type) else getattr(owner, attr)
+            patched.append((owner, attr, original))
+            setattr(owner, attr, timer.wrap(original, label, is_group))
+        yield timer.parts
+    finally:
+        for owner, attr, original in reversed(patched):
+            setattr(owner, attr, original)
+
+
+def profile_call(fn: Callable[[], object], device: torch.device, parts=ENGINE_PARTS) -> tuple[object, Profile]:
+    """Run fn() with the engine's parts timed: (its result, the profile)."""
+    with profiled(parts, device) as seconds:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        out = fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        total = time.perf_counter() - start
+    covered = dict(seconds)
+    covered["rest (setting up, results)"] = max(0.0, total - sum(covered.values()))
+    return out, Profile(total_s=total, parts=covered)
+
+
+def profile_workload(w, device: torch.device, control_draws: int, log) -> dict[str, dict]:
+    """The engine's parts on workload `w` (`pipeline.bench.workloads`), without controls and, if control_draws,
+    with that many random-direction controls per feature and value, as the study runs them."""
+    from pipeline.bench import workloads as wl
+    from pipeline.engine.run import run_layer
+
+    inputs = wl.prepare(w, device)
+    tokens = inputs.tokens.cpu()
+    run_layer(inputs.model, inputs.sae, inputs.resume_at, tokens[:2, :16], inputs.features[:1], [2.0],
+              batch_size=2)  # warm-up
+    out = {}
+    for draws in sorted({0, control_draws}):
+        controls = wl.control_directions(w, inputs, draws)
+        result, prof = profile_call(
+            lambda controls=controls: run_layer(inputs.model, inputs.sae, inputs.resume_at, tokens, inputs.features,
+                                                list(w.alphas), batch_size=w.batch_size, controls=controls), device)
+        log(f"profile of the engine on '{w.name}', {draws} control draws ({result.stats.rows_run} rows run):")
+        for line in prof.table():
+            log(line)
+        out[f"control_draws_{draws}"] = {"total_s": prof.total_s, "parts": prof.parts,
+                                         "rows_run": result.stats.rows_run}
+    return out
