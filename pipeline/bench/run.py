@@ -22,7 +22,7 @@ from pipeline.bench.measure import (
     sync,
     timed_engine,
 )
-from pipeline.bench.profile import profile_workload
+from pipeline.bench.profile import clean_cpu_times, profile_workload
 from pipeline.bench.references import (
     COMPARED,
     float64_reference,
@@ -80,7 +80,7 @@ def run_workload(w: wl.Workload, device: torch.device, dtypes: list[str], skip_p
     }
     log(f"  engine  {engine_s:8.2f} s  ({out['tokens_per_s']:,.0f} intervened tokens/s, "
         f"floor fraction {out['floor_fraction']:.2f}, {result.stats.rows_run}/{result.stats.rows_total} rows run)"
-        + (f"; by CPU time: floor fraction {out['floor_fraction_cpu_time']:.2f}" if _clean_cpu_times(device) else ""))
+        + (f"; by CPU time: floor fraction {out['floor_fraction_cpu_time']:.2f}" if clean_cpu_times(device) else ""))
 
     if not skip_plain:
         sync(device)
@@ -100,7 +100,7 @@ def run_workload(w: wl.Workload, device: torch.device, dtypes: list[str], skip_p
             "max_abs_diff": float(np.nanmax(np.abs(engine_table - plain_table))),
         }
         log(f"  plain   {plain_s:8.2f} s  -> engine speed-up {out['speedup_vs_plain']:.1f}x"
-            + (f" (by CPU time {out['speedup_vs_plain_cpu_time']:.1f}x)" if _clean_cpu_times(device) else "")
+            + (f" (by CPU time {out['speedup_vs_plain_cpu_time']:.1f}x)" if clean_cpu_times(device) else "")
             + f", max relative difference {out['max_rel_diff']:.2e}")
     if control_draws:  # what the study pays on top: its random-direction controls (the plain way runs none)
         reset_peak_memory(device)
@@ -226,7 +226,7 @@ def run_bench(device: str = "auto", out: Path | None = None, quick: bool = False
         results["generation"] = generation_throughput(dev, quick, log)
         results["generation_tokens_per_s"] = results["generation"]["tokens_per_s"]
     _table(results, log)
-    results["targets"] = check_targets(results, by_cpu_time=_clean_cpu_times(dev))
+    results["targets"] = check_targets(results, by_cpu_time=clean_cpu_times(dev))
     if results["targets"]:
         log("targets on this CPU:")
         for line in target_lines(results["targets"]):
@@ -235,11 +235,6 @@ def run_bench(device: str = "auto", out: Path | None = None, quick: bool = False
         write_json(out, results)
         log(f"wrote {out}")
     return results
-
-
-def _clean_cpu_times(device: torch.device) -> bool:
-    """CPU times say how much work was done only on the CPU and with one thread (see floor_fraction_cpu_time)."""
-    return device.type == "cpu" and torch.get_num_threads() == 1
 
 
 def _device_name(dev: torch.device) -> str:

@@ -37,8 +37,11 @@ def test_the_profile_adds_up_and_changes_no_number():
     for part in ("prefix forward + encoder", "clean block: suffix forward", "clean block: unembedding",
                  "rows: suffix forward", "rows: unembedding", "rows: logit deltas", "row planning"):
         assert profile.parts.get(part, 0) > 0, part
-    assert all(seconds >= 0 for seconds in profile.parts.values())
-    assert sum(profile.parts.values()) == pytest.approx(profile.total_s, rel=1e-6)
+    for parts, total in ((profile.parts, profile.total_s), (profile.cpu_parts, profile.total_cpu_s)):
+        assert all(seconds >= 0 for seconds in parts.values())
+        assert sum(parts.values()) == pytest.approx(total, rel=1e-6)
+    assert set(profile.cpu_parts) == set(profile.parts)
+    assert len(profile.table(cpu=True)) == len(profile.table(cpu=False)) == len(profile.parts) + 2
     for module, path, _, _ in prof.ENGINE_PARTS:  # every wrapper is gone again
         owner, attr = prof._resolve(module, path)
         assert getattr(owner, attr) is originals[path], path
