@@ -77,6 +77,7 @@ def run_workload(w: wl.Workload, device: torch.device, dtypes: list[str], skip_p
         "peak_mem_bytes": engine_peak,
         "rows_run": result.stats.rows_run,
         "rows_total": result.stats.rows_total,
+        "min_position_kl": float(result.kl.min()),  # >= 0: no position's KL is negative
     }
     log(f"  engine  {engine_s:8.2f} s  ({out['tokens_per_s']:,.0f} intervened tokens/s, "
         f"floor fraction {out['floor_fraction']:.2f}, {result.stats.rows_run}/{result.stats.rows_total} rows run)"
@@ -104,14 +105,20 @@ def run_workload(w: wl.Workload, device: torch.device, dtypes: list[str], skip_p
             + f", max relative difference {out['max_rel_diff']:.2e}")
     if control_draws:  # what the study pays on top: its random-direction controls (the plain way runs none)
         reset_peak_memory(device)
+        cpu_start = time.process_time()
         ctrl, _, ctrl_s = timed_engine(model, sae, resume_at, tokens, features, w,
                                        controls=wl.control_directions(w, inputs, control_draws))
+        ctrl_cpu_s = time.process_time() - cpu_start
         out |= {"control_draws": control_draws, "engine_with_controls_s": ctrl_s, "controls_s": ctrl_s - engine_s,
-                "peak_mem_with_controls_bytes": peak_memory(device), "rows_run_with_controls": ctrl.stats.rows_run}
+                "engine_with_controls_cpu_s": ctrl_cpu_s, "controls_cpu_s": ctrl_cpu_s - engine_cpu_s,
+                "peak_mem_with_controls_bytes": peak_memory(device), "rows_run_with_controls": ctrl.stats.rows_run,
+                "min_position_kl_controls": float(ctrl.ctrl_kl.min()) if ctrl.ctrl_kl.size else None}
         if "plain_s" in out:
             out["speedup_vs_plain_with_controls"] = out["plain_s"] / ctrl_s
         log(f"  engine with {control_draws} control draws {ctrl_s:8.2f} s: the controls cost {ctrl_s - engine_s:.2f} s "
             f"({ctrl_s / engine_s:.1f}x the engine alone; {ctrl.stats.rows_run} rows run)"
+            + (f"; by CPU time {ctrl_cpu_s - engine_cpu_s:.2f} s ({ctrl_cpu_s / engine_cpu_s:.1f}x)"
+               if clean_cpu_times(device) else "")
             + (f"; against the plain way (which runs no controls) {out['speedup_vs_plain_with_controls']:.2f}x"
                if "plain_s" in out else ""))
     if not skip_plain and reference:
@@ -244,12 +251,15 @@ def _device_name(dev: torch.device) -> str:
 
 
 def _table(results: dict[str, Any], log) -> None:
+    def cell(r: dict[str, Any], key: str, fmt: str, width: int) -> str:
+        return format(r[key], fmt) if r.get(key) is not None else f"{'-':>{width}}"
+
     log("")
-    log(f"{'workload':<12} {'engine s':>9} {'plain s':>9} {'speed-up':>9} {'max rel diff':>13} {'tok/s':>10} "
-        f"{'floor':>6} {'peak MB':>8}")
+    log(f"{'workload':<12} {'engine s':>9} {'plain s':>9} {'speed-up':>9} {'max rel diff':>13} {'eng vs f64':>11} "
+        f"{'plain vs f64':>12} {'min KL':>9} {'tok/s':>10} {'floor':>6} {'peak MB':>8}")
     for name, r in results["workloads"].items():
-        plain = f"{r['plain_s']:9.2f}" if "plain_s" in r else f"{'-':>9}"
         speed = f"{r['speedup_vs_plain']:8.1f}x" if "speedup_vs_plain" in r else f"{'-':>9}"
-        diff = f"{r['max_rel_diff']:13.2e}" if "max_rel_diff" in r else f"{'-':>13}"
-        log(f"{name:<12} {r['engine_s']:9.2f} {plain} {speed} {diff} {r['tokens_per_s']:10,.0f} "
+        log(f"{name:<12} {r['engine_s']:9.2f} {cell(r, 'plain_s', '9.2f', 9)} {speed} "
+            f"{cell(r, 'max_rel_diff', '13.2e', 13)} {cell(r, 'engine_vs_float64', '11.2e', 11)} "
+            f"{cell(r, 'plain_vs_float64', '12.2e', 12)} {r['min_position_kl']:9.1e} {r['tokens_per_s']:10,.0f} "
             f"{r['floor_fraction']:6.2f} {r['peak_mem_bytes'] / 2**20:8.0f}")
