@@ -212,6 +212,13 @@ def bench(
     dtype: list[str] = typer.Option([], "--dtype", help="Also run the engine in this dtype (bfloat16, float16) "
                                     "and report its accuracy against float32; default on CUDA: both; "
                                     "--dtype float32 alone: float32 only."),
+    control_draws: int = typer.Option(8, "--control-draws", help="Also time the engine with this many "
+                                      "random-direction controls per feature and value (the study's default 8; "
+                                      "0: not)."),
+    profile: bool = typer.Option(False, "--profile", help="Only time the engine on the dense workload by part "
+                                 "(forwards, unembedding, CE and KL, logit deltas), without and with the controls."),
+    threads: int | None = typer.Option(None, "--threads", help="torch's CPU threads (default: torch's choice); 1 "
+                                       "makes the CPU-time figures exact on a machine shared with other work."),
 ) -> None:
     """Benchmark the engine against the plain SAE-Lens way on GPT-2-Small-shaped random weights (no download)."""
     from pipeline.bench import run_bench
@@ -219,7 +226,7 @@ def bench(
     collect_garbage_again()
     with _one_line_errors("no benchmark JSON written"):
         run_bench(device=device, out=out, quick=quick, full=full, skip_plain=skip_plain, dtypes=dtype or None,
-                  reference=reference)
+                  reference=reference, control_draws=control_draws, profile=profile, threads=threads)
 
 
 @app.command()

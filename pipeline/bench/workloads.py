@@ -78,3 +78,40 @@ def make_sparse(model, sae, tokens: torch.Tensor, hook: str, features: list[int]
     # the ReLU's kink would fire in one float path and not in another.
     margin = 1e-3 * pre.std(dim=0)
     sae.b_enc[features] -= (q + margin).to(sae.b_enc.dtype)
+
+
+@dataclass
+class Inputs:
+    """One workload's model, SAE, tokens and features, as every measurement of it uses them."""
+
+    model: object
+    sae: object
+    tokens: torch.Tensor  # on the device
+    features: list[int]
+    hook: str
+    resume_at: int
+
+
+def prepare(w: Workload, device: torch.device) -> Inputs:
+    """The random model and SAE (made sparse if the workload says so), seeded tokens with BOS, the features."""
+    hook = f"blocks.{w.layer}.hook_resid_post"
+    g = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, GPT2_SMALL_SHAPE["d_vocab"], (w.n_passages, w.max_len), generator=g)
+    tokens[:, 0] = GPT2_SMALL_SHAPE["d_vocab"] - 1  # <|endoftext|> = 50256 is GPT-2's BOS
+    tokens = tokens.to(device)
+    features = [(100 + 37 * i) % D_SAE for i in range(w.n_features)]
+    model = build_model(device, torch.float32)
+    sae = build_sae(device, "float32", hook)
+    if w.density is not None:
+        make_sparse(model, sae, tokens, hook, features, w.density)
+    return Inputs(model, sae, tokens, features, hook, w.layer + 1)
+
+
+CONTROL_SEED = 1234  # params.yaml's default seed: the bench's controls are the directions the study would draw
+
+
+def control_directions(w: Workload, inputs: Inputs, draws: int) -> torch.Tensor | None:
+    """The random-direction controls the study would run with `control_draws` = draws (None for 0)."""
+    from pipeline.engine.controls import random_unit_directions
+
+    return random_unit_directions(CONTROL_SEED, w.layer, inputs.features, draws, GPT2_SMALL_SHAPE["d_model"])

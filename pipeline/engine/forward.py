@@ -60,6 +60,36 @@ def unembed(model, final: Float[Tensor, "*rows d_model"]) -> Float[Tensor, "*row
     return apply_softcap(logits, model.cfg.output_logits_soft_cap).float()
 
 
+def unembed_into(model, final: Float[Tensor, "rows d_model"], out: Float[Tensor, "rows d_vocab"]
+                 ) -> Float[Tensor, "rows d_vocab"]:
+    """`unembed` of 2-D rows written into `out`, a float32 buffer the caller reuses, so no [rows x vocab] tensor is
+    allocated per call. The same addmm as F.linear on 2-D input, so the same bits (tested); models in another
+    dtype or with a logit soft-cap, and calls that autograd records (out= has no gradient), go through
+    `unembed` and a copy."""
+    from pipeline.load.processed.model import softcap_enabled
+
+    if (model.cfg.dtype != torch.float32 or softcap_enabled(model.cfg.output_logits_soft_cap)
+            or (torch.is_grad_enabled() and (final.requires_grad or model.unembed.W_U.requires_grad))):
+        return out.copy_(unembed(model, final))
+    return torch.addmm(model.unembed.b_U, final, _unembed_weight(model).t(), out=out)
+
+
+def unembeds_differences(model) -> bool:
+    """Whether logits(h_int) - logits(h_clean) is exactly the float32 product (h_int - h_clean) W_U, up to that
+    product's own rounding: a float32 model whose logits are affine in the final residual (no soft-cap)."""
+    from pipeline.load.processed.model import softcap_enabled
+
+    return model.cfg.dtype == torch.float32 and not softcap_enabled(model.cfg.output_logits_soft_cap)
+
+
+def unembed_difference_into(model, final_diff: Float[Tensor, "rows d_model"], out: Float[Tensor, "rows d_vocab"]
+                            ) -> Float[Tensor, "rows d_vocab"]:
+    """The change of the logits, (h_int - h_clean) W_U, written into `out` (the bias cancels). Rounded relative to
+    the change itself, where the difference of two unembeddings is rounded relative to the logits; rows of
+    zeros give exact zeros. Only for models with `unembeds_differences`."""
+    return torch.mm(final_diff, _unembed_weight(model).t(), out=out)
+
+
 class FeatureEncoder:
     """Activations a_i(x) of selected SAE features, and their directions d_i: a_i(x) * d_i is exactly
     feature i's part of the SAE's reconstruction, `sae.decode(acts)` being sum_i a_i d_i + b_dec.

@@ -5,7 +5,8 @@ computes the same numbers with less work, each shortcut exact (tests/engine/test
 
 1. Prefix once: the residual at the hook is computed once per passage and cached; every variant
    resumes from it (`start_at_layer`), so blocks before the hook never run again.
-2. Clean suffix once per passage block; its log-probabilities serve every variant's KL and CE.
+2. Clean suffix once per passage block; its CE, and its probabilities where a row is scored, serve
+   every variant's KL and CE.
 3. Many variants per forward: rows of different (value, control draw, passage) of a feature share one
    batch (never two features' rows: see `_per_feature_batches`).
 4. Nothing to do where nothing changes: a value equal to the intervention's identity (alpha = 1)
@@ -13,12 +14,20 @@ computes the same numbers with less work, each shortcut exact (tests/engine/test
    in a changed passage, positions before the first change are unchanged (causal attention), so
    their logits are not recomputed.
 5. One encoder column per feature for column-separable SAEs (pipeline.engine.forward).
-6. Each row is scored against its own passage's clean log-probs through views, never a gathered
-   [positions x vocab] copy; logits come in position chunks of at most `chunk_elems` floats, so
-   memory stays bounded; the unembedding weight is laid out once (pipeline.engine.forward).
+6. Each row is scored against its own passage's clean distribution through views, never a gathered
+   [positions x vocab] copy; logits come in position chunks of at most `chunk_elems` floats, into
+   buffers allocated once, so memory stays bounded; the unembedding weight is laid out once
+   (pipeline.engine.forward). For a float32 model the rows unembed the change of their final
+   residual, (h_int - h_clean) W_U, which is what the scoring needs, and the chunks of several
+   rows of one feature share one unembedding call (pipeline.engine.segments).
 
 Rows and positions skipped by (4) keep ce_int = ce_clean and kl = 0 exactly; a forward pass would
 give those values up to float rounding. `shortcuts=False` turns (4) off for tests and benchmarks.
+
+Whatever block of features a run holds (pipeline/shards/intervene.py runs a layer's features in blocks), a
+feature's rows go through the same forwards and unembedding calls, so its numbers are bit for bit those of the
+run over all of them (tests/stages/test_shards_exact.py): batches and unembedding groups never mix features,
+and nothing a feature's rows are scored against depends on the other features.
 
 An SAE that normalises its input moves the residual by delta_t = c_t * s_t * d_i (pipeline.engine.normalization);
 s_t is computed once per passage in the prefix step, from the residual in the SAE's dtype, and every row's delta
@@ -30,13 +39,16 @@ delta_t, so the same positions get a push of the same norm along a direction unr
 Control rows are rows like any other (same batches, same shortcuts: the feature's delta is zero
 exactly where the control's is).
 
-Precision: logits are float32 (the model's); log-softmax, CE and KL are computed from them in
-float64, KL as sum_v p_clean * (d + expm1(-d)) with d = log p_clean - log p_int, a sum of terms that
-are each >= 0 (clamped at 0 against rounding), so no position's KL is negative.
+Precision: logits are float32 (the model's); CE and KL are computed in float64 by
+pipeline.engine.divergence from the clean probabilities (once per passage block) and the change of
+the logits, with a relative error of ~1e-11 (its docstring derives the bound); every position's KL
+is >= 0. `reference_scoring=True` scores by the float64 log-softmax definition
+instead (slower; for tests); a position the kernel cannot score (a logit rising ~709 nats) is scored
+by the definition from the same inputs (`divergence.rescore_overflowed`), row by row.
 
 `run_layer` runs the steps of a `_LayerRun`, which holds the buffers (cached prefix residuals, live
-masks, results): `prefix` (1), then per passage block `clean_block` (2), `variant_rows` (4), `run_rows`
-(3) with `score_positions` (6), and `commit`.
+masks, results): `prefix` (1), then per passage block `variant_rows` (4), `clean_block` (2), `run_rows` (3)
+with `unembed` and `score_positions` (6), and `commit`.
 """
 
 from __future__ import annotations
@@ -51,9 +63,26 @@ from jaxtyping import Bool, Float, Float32, Float64, Int
 from torch import Tensor
 
 from pipeline.core.errors import UserError
-from pipeline.engine.forward import FeatureEncoder, final_residual, is_oom, residual_at, scaled, unembed
+from pipeline.engine.divergence import (
+    Workspace,
+    centred_delta_sum,
+    clean_side,
+    scores,
+    scores_by_logsumexp,
+)
+from pipeline.engine.forward import (
+    FeatureEncoder,
+    final_residual,
+    is_oom,
+    residual_at,
+    scaled,
+    unembed_difference_into,
+    unembed_into,
+    unembeds_differences,
+)
 from pipeline.engine.interventions import SCALE, Intervention
 from pipeline.engine.metrics import LiveSet, live_positions
+from pipeline.engine.segments import Packer, cuts
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +175,10 @@ class _Block:
     b0: int
     b1: int
     targets: Int[Tensor, "bp scored"]  # next token of scored positions t = 1..T-2
-    logits_clean: Float32[Tensor, "bp scored d_vocab"]
+    final_clean: Float[Tensor, "bp pos d_model"]  # what the unembedding reads, clean
+    # the float32 logits in the wide dtype, where rows unembed their logits rather than their changes (by_difference)
+    logits_clean: Float[Tensor, "bp scored d_vocab"] | None
+    probs_clean: Float[Tensor, "bp scored d_vocab"] | None  # their softmax, wide, where rows are scored by the kernel
     lse_clean: Float64[Tensor, "bp scored"]  # logsumexp of the clean logits, float64
     ce_clean: Float64[Tensor, "bp scored"]
     ce_int: Float64[Tensor, "n_feat n_values n_variants bp scored"]  # starts as ce_clean: skipped rows keep it
@@ -160,8 +192,11 @@ class _LayerRun:
     def __init__(self, model, sae, resume_at: int, tokens: Int[Tensor, "n_passages pos"], features: list[int],
                  values: list[float], intervention: Intervention, batch_size: int, live_percentile: float,
                  shortcuts: bool, chunk_elems: int, progress: Callable[[int], None] | None,
-                 controls: Tensor | None = None, encoder: FeatureEncoder | None = None):
+                 controls: Tensor | None = None, reference_scoring: bool = False,
+                 encoder: FeatureEncoder | None = None):
         self.model, self.resume_at, self.intervention = model, resume_at, intervention
+        self.reference_scoring = reference_scoring
+        self.affine_unembedding = unembeds_differences(model)
         self.features, self.values = features, values
         self.live_percentile, self.shortcuts, self.progress = live_percentile, shortcuts, progress
         self.device = _device_of(model)
@@ -182,6 +217,7 @@ class _LayerRun:
         self.n_variants = 1 + self.n_draws
         self.stats = EngineStats(batch_size=batch_size, rows_total=self.n_feat * self.n_val * self.n_variants * self.n)
         self.chunk_tokens = max(1, chunk_elems // self.d_vocab)
+        self.work: Workspace | None = None  # allocated by the first block, inside the out-of-memory retry
         self.resid_all: Float[Tensor, "n_passages pos d_model"] = torch.empty(
             (self.n, t_len, model.cfg.d_model), dtype=model.cfg.dtype, device=self.device)
         self.acts_all: Float[Tensor, "n_passages pos n_feat"] = torch.empty(
@@ -220,43 +256,77 @@ class _LayerRun:
         # 1.0 = live: delta sums are a mask times the rows, so no index list goes to the device
         self.live_dev = torch.from_numpy(live_np).to(device=self.device, dtype=torch.float32)
 
-    def logits(self, final_rows: Float[Tensor, "rows d_model"]) -> Float32[Tensor, "rows d_vocab"]:
-        return unembed(self.model, final_rows)
+    @property
+    def by_difference(self) -> bool:
+        """Rows unembed the change of their final residual from the clean one, (h_int - h_clean) W_U, which is the
+        change of the logits the kernel needs, rounded relative to itself; so the positions of many rows can share
+        one unembedding (an unchanged position gives exactly 0 whatever the product's shape). Otherwise (reference
+        scoring, or logits that are not affine in h) rows unembed their logits one piece at a time, as the clean
+        block does, so an unchanged row's logits are the clean ones bit for bit."""
+        return self.affine_unembedding and not self.reference_scoring
 
-    def clean_block(self, b0: int, b1: int) -> _Block:
-        """Step 2: the clean suffix of passages b0..b1-1, once; its logits serve every variant. They go
-        through the computation (and chunking) of a row scored from t = 1, so an unchanged row is them bit for bit."""
+    def unembed(self, group: list[tuple[object, Tensor]], difference: bool) -> list[tuple[object, Tensor]]:
+        """Each piece's metadata and its float32 logits, or with `difference` the change of its logits (its rows
+        being changes of the final residual), from one unembedding of the whole group; views of the workspace's
+        buffer, valid until the next call."""
+        h = torch.cat([rows for _, rows in group])
+        out = self.work.logits[:h.shape[0]]
+        (unembed_difference_into if difference else unembed_into)(self.model, h, out)
+        ends = np.cumsum([rows.shape[0] for _, rows in group]).tolist()
+        return [(meta, out[end - rows.shape[0]:end]) for (meta, rows), end in zip(group, ends, strict=True)]
+
+    def clean_block(self, b0: int, b1: int, rows: list[Row]) -> _Block:
+        """Step 2: the clean suffix of passages b0..b1-1, once, and what every variant is scored against: the
+        clean CE everywhere, and where the block's rows are scored (from each passage's earliest scored position
+        on) the clean probabilities for the kernel, or the logits for the float64 definition. Unembedded as the
+        rows are (pieces at the same cuts, one at a time unless by_difference), so an unchanged row's logits are
+        these bit for bit."""
         bp, s_len, d_vocab = b1 - b0, self.s_len, self.d_vocab
+        if self.work is None:
+            # an unembedding call holds at most chunk_tokens positions, and never more than one feature's rows of a
+            # block have (the first block is the largest): a limit that the other features leave alone, since it
+            # decides which pieces share a call, and so the bits
+            self.unembed_limit = min(self.chunk_tokens, max(1, self.n_val * self.n_variants) * bp * s_len)
+            self.work = Workspace(self.unembed_limit, min(self.chunk_tokens, s_len), d_vocab, self.acc_dtype,
+                                  self.device)
+        first: dict[int, int] = {}  # passage -> first scored position s (t = s + 1) of any of its rows
+        for _, _, _, j, t0 in rows:
+            first[j] = min(first.get(j, t0 - 1), t0 - 1)
         targets = self.tokens[b0:b1].to(self.device)[:, 2:]
         final_c = final_residual(self.model, self.resid_all[b0:b1], self.resume_at)
         self.stats.suffix_calls += 1
-        logits_c = torch.empty((bp, s_len, d_vocab), dtype=torch.float32, device=self.device)
-        for j in range(bp):
-            for s0 in range(0, s_len, self.chunk_tokens):
-                s1 = min(s0 + self.chunk_tokens, s_len)
-                logits_c[j, s0:s1] = self.logits(final_c[j, s0 + 1:s1 + 1])
+        wide = dict(dtype=self.acc_dtype, device=self.device)
+        logits_c = None if self.by_difference else torch.empty((bp, s_len, d_vocab), **wide)
+        probs_c = None if self.reference_scoring else torch.empty((bp, s_len, d_vocab), **wide)
         lse_c = torch.empty((bp, s_len), dtype=torch.float64, device=self.device)
         ce_c = torch.empty((bp, s_len), dtype=torch.float64, device=self.device)
-        for j in range(bp):
-            for s0 in range(0, s_len, self.chunk_tokens):
-                s1 = min(s0 + self.chunk_tokens, s_len)
-                z = logits_c[j, s0:s1].double()
-                lse_c[j, s0:s1] = torch.logsumexp(z, -1)
-                ce_c[j, s0:s1] = lse_c[j, s0:s1] - z.gather(1, targets[j, s0:s1, None]).squeeze(1)
+        packer = Packer(self.unembed_limit, together=self.by_difference)
+        groups = [group for j in range(bp) for s0, s1 in cuts(0, s_len, self.chunk_tokens)
+                  for group in packer.add((j, s0, s1), final_c[j, s0 + 1:s1 + 1])] + packer.flush()
+        for group in groups:
+            for (j, s0, s1), z in self.unembed(group, difference=False):
+                unnormalised = self.work.phi[:s1 - s0]
+                lse_c[j, s0:s1], ce_c[j, s0:s1], total = clean_side(z, targets[j, s0:s1], unnormalised)
+                if logits_c is not None:
+                    logits_c[j, s0:s1] = z
+                p0 = max(s0, first.get(j, s_len))
+                if probs_c is not None and p0 < s1:
+                    torch.div(unnormalised[p0 - s0:], total[p0 - s0:, None], out=probs_c[j, p0:s1])
         n_var = self.n_variants
         return _Block(
-            b0=b0, b1=b1, targets=targets, logits_clean=logits_c, lse_clean=lse_c, ce_clean=ce_c,
+            b0=b0, b1=b1, targets=targets, final_clean=final_c, logits_clean=logits_c, probs_clean=probs_c,
+            lse_clean=lse_c, ce_clean=ce_c,
             ce_int=ce_c[None, None, None].expand(self.n_feat, self.n_val, n_var, bp, s_len).clone(),
             kl=torch.zeros((self.n_feat, self.n_val, n_var, bp, s_len), dtype=torch.float64, device=self.device),
             delta=torch.zeros_like(self.delta_sum))
 
-    def variant_rows(self, blk: _Block) -> list[Row]:
+    def variant_rows(self, b0: int, b1: int) -> list[Row]:
         """Step 4: the (feature, value, passage) rows of the block that change something.
 
         With shortcuts, a value equal to the intervention's identity and a passage it changes nowhere get
         no row, and a row is scored from its first changed position t0 on (causal attention leaves the
         earlier ones clean); without, every row gets one, scored from t0 = 1."""
-        acts_blk = self.acts_all[blk.b0:blk.b1]  # [bp, T, F]
+        acts_blk = self.acts_all[b0:b1]  # [bp, T, F]
         identity = self.intervention.identity
         rows: list[Row] = []
         for f in range(self.n_feat):
@@ -266,7 +336,7 @@ class _LayerRun:
                 changed = self.intervention.changes(acts_blk[:, :, f], value).cpu().numpy()  # [bp, T], one copy
                 any_change = changed.any(axis=1)
                 first = changed.argmax(axis=1)  # first changed position (t >= 1: BOS never changes)
-                for j in range(blk.b1 - blk.b0):
+                for j in range(b1 - b0):
                     if self.shortcuts and not any_change[j]:
                         continue
                     for v in range(self.n_variants):
@@ -278,9 +348,17 @@ class _LayerRun:
 
         Each row resumes from its passage's cached residual plus the intervention's delta (a control row:
         the delta's norm along its random direction), and is scored at t in [t0, T-2], in position chunks,
-        against its own passage's clean distributions."""
+        against its own passage's clean distributions. By difference, the chunks of several rows share one
+        unembedding: the feature's rows with each other, its control rows with each other, in row order, and
+        never across features, so a feature's rows go through the same products whether or not controls or
+        other features ride along."""
         acts_blk = self.acts_all[blk.b0:blk.b1]
+        packers = [Packer(self.unembed_limit, together=self.by_difference) for _ in range(2)]  # feature, controls
+        feature = None
         for batch in _per_feature_batches(rows, bs):
+            if batch[0][0] != feature:  # a new feature: its pieces start new groups
+                self.flush(blk, packers)
+                feature = batch[0][0]
             rf, ra, rv, rj = (torch.tensor(col, device=self.device) for col in list(zip(*batch, strict=True))[:4])
             x = self.resid_all[blk.b0 + rj]  # [R, T, d]
             delta = self.intervention.delta(acts_blk[rj, :, rf].to(self.directions.dtype),
@@ -292,31 +370,66 @@ class _LayerRun:
             final = final_residual(self.model, x + delta.to(x.dtype), self.resume_at)
             self.stats.suffix_calls += 1
             for r, (f, a, v, j, t0) in enumerate(batch):
-                for s0 in range(t0 - 1, self.s_len, self.chunk_tokens):
-                    s1 = min(s0 + self.chunk_tokens, self.s_len)
-                    self.score_positions(blk, final[r, s0 + 1:s1 + 1], f, a, v, j, s0, s1)
+                for s0, s1 in cuts(t0 - 1, self.s_len, self.chunk_tokens):
+                    h = final[r, s0 + 1:s1 + 1]
+                    if self.by_difference:
+                        h = h - blk.final_clean[j, s0 + 1:s1 + 1]
+                    for group in packers[v > 0].add((f, a, v, j, s0, s1), h):
+                        self.score_group(blk, group)
+        self.flush(blk, packers)
 
-    def score_positions(self, blk: _Block, final_rows: Float[Tensor, "chunk d_model"], f: int, a: int, v: int,
+    def flush(self, blk: _Block, packers: list[Packer]) -> None:
+        """Score the groups still open."""
+        for packer in packers:
+            for group in packer.flush():
+                self.score_group(blk, group)
+
+    def score_group(self, blk: _Block, group: list[tuple[tuple[int, ...], Tensor]]) -> None:
+        """One unembedding for a group of pieces, then each piece scored."""
+        for (f, a, v, j, s0, s1), values in self.unembed(group, difference=self.by_difference):
+            self.score_positions(blk, values, f, a, v, j, s0, s1)
+
+    def score_positions(self, blk: _Block, values: Float32[Tensor, "chunk d_vocab"], f: int, a: int, v: int,
                         j: int, s0: int, s1: int) -> None:
-        """Step 6: CE, KL (float64) and, for the feature's own row, live logit deltas at scored positions s0..s1-1.
+        """Step 6: CE, KL (float64) and, for the feature's own row, live logit deltas at scored positions s0..s1-1,
+        from the row's logits there or, by_difference, their changes (`values`, float32).
 
         The clean block is sliced, a view: no [positions x vocab] gather is ever copied."""
-        z_i = self.logits(final_rows)  # float32 [s1 - s0, V]
-        z_c = blk.logits_clean[j, s0:s1]
-        lse_i = torch.logsumexp(z_i.double(), -1)
-        blk.ce_int[f, a, v, j, s0:s1] = lse_i - z_i.gather(1, blk.targets[j, s0:s1, None]).squeeze(1).double()
-        lp_c = z_c.double().sub_(blk.lse_clean[j, s0:s1, None])
-        d = z_i.double().sub_(lse_i[:, None]).neg_().add_(lp_c)  # log p_clean - log p_int
-        # p_clean * (d - 1 + exp(-d)) >= 0 term by term; its sum is KL(p_clean || p_int) since both sum to 1
-        blk.kl[f, a, v, j, s0:s1] = (d + torch.expm1(-d)).clamp_min_(0).mul_(lp_c.exp_()).sum(-1)
+        n, targets = s1 - s0, blk.targets[j, s0:s1]
+        diff = self.work.diff[:n].copy_(values)  # the change of the logits, exact in the wide dtype
+        if not self.by_difference:
+            diff.sub_(blk.logits_clean[j, s0:s1])
+        if self.reference_scoring:
+            ce_int, kl = scores_by_logsumexp(values, blk.logits_clean[j, s0:s1], blk.lse_clean[j, s0:s1], targets)
+        else:
+            ce_int, kl = scores(diff, blk.probs_clean[j, s0:s1], blk.ce_clean[j, s0:s1], targets, self.work.phi[:n])
+        blk.ce_int[f, a, v, j, s0:s1], blk.kl[f, a, v, j, s0:s1] = ce_int, kl
         self.stats.positions_unembedded += s1 - s0
-        if v:
+        if not v:
+            live = self.live_dev[f, blk.b0 + j, s0:s1]
+            blk.delta[f * self.n_val + a] += centred_delta_sum(diff, live).to(self.acc_dtype)
+
+    def rescore_overflowed(self, blk: _Block, rows: list[Row], bs: int) -> None:
+        """The features of the block whose CE or KL the kernel could not score (a logit rising ~709 nats, see
+        pipeline.engine.divergence), scored again by the float64 log-softmax, which has no such limit: their rows
+        alone, so the other features' numbers do not depend on which features run beside them."""
+        finite = (torch.isfinite(blk.kl) & torch.isfinite(blk.ce_int)).flatten(1).all(1)  # [n_feat]
+        overflowed = (~finite).nonzero().flatten().tolist()  # the block's one host-device synchronisation
+        if not overflowed:
             return
-        # Sum of the centred logit deltas over live positions, as a 0/1 mask times the rows: no index list
-        # to copy to the device, so no host-device synchronisation per row.
-        diff = z_i.sub_(z_c)
-        diff.sub_(diff.mean(-1, keepdim=True))
-        blk.delta[f * self.n_val + a] += (self.live_dev[f, blk.b0 + j, s0:s1] @ diff).to(self.acc_dtype)
+        log.warning("passages %d-%d, features %s: scored again by the float64 log-softmax", blk.b0, blk.b1 - 1,
+                    [self.features[f] for f in overflowed])
+        again = [row for row in rows if row[0] in overflowed]
+        self.reference_scoring = True
+        try:
+            ref = self.clean_block(blk.b0, blk.b1, again)
+            ref.ce_int.copy_(blk.ce_int)  # positions no row scores keep the block's ce_clean, bit for bit
+            self.run_rows(ref, again, bs)
+        finally:
+            self.reference_scoring = False
+        for f in overflowed:
+            blk.ce_int[f], blk.kl[f] = ref.ce_int[f], ref.kl[f]
+            blk.delta[f * self.n_val:(f + 1) * self.n_val] = ref.delta[f * self.n_val:(f + 1) * self.n_val]
 
     def commit(self, blk: _Block, n_rows: int) -> None:
         """Copy a finished block into the results; only now, so an OOM retry redoes the block whole."""
@@ -331,9 +444,12 @@ class _LayerRun:
     def blocks(self, bs: int) -> None:
         """Every passage block not yet committed, bs passages (and bs variant rows per forward) at a time."""
         while self.blocks_done < self.n:
-            blk = self.clean_block(self.blocks_done, min(self.blocks_done + bs, self.n))
-            rows = self.variant_rows(blk)
+            b0, b1 = self.blocks_done, min(self.blocks_done + bs, self.n)
+            rows = self.variant_rows(b0, b1)
+            blk = self.clean_block(b0, b1, rows)
             self.run_rows(blk, rows, bs)
+            if not self.reference_scoring:
+                self.rescore_overflowed(blk, rows, bs)
             self.commit(blk, len(rows))
             self.blocks_done = blk.b1
 
@@ -367,14 +483,16 @@ def run_layer(
     chunk_elems: int = 1 << 26,
     progress: Callable[[int], None] | None = None,
     controls: Float[Tensor, "n_feat n_draws d_in"] | None = None,
+    reference_scoring: bool = False,
     encoder: FeatureEncoder | None = None,
 ) -> LayerResult:
     """Run every (feature, value) variant at the hook before block `resume_at`, and with `controls` (unit
-    vectors, see pipeline.engine.controls) every random-direction control of each. `encoder` gives the
-    features' activations and directions (default: FeatureEncoder(sae, features)); a block of a layer's
+    vectors, see pipeline.engine.controls) every random-direction control of each. `reference_scoring`: CE and
+    KL by the float64 log-softmax definition instead of pipeline.engine.divergence's kernel (slower). `encoder`
+    gives the features' activations and directions (default: FeatureEncoder(sae, features)); a block of a layer's
     features passes its columns of the layer's encoder, so activations round as in the whole layer's run."""
     run = _LayerRun(model, sae, resume_at, tokens, features, values, intervention, batch_size, live_percentile,
-                    shortcuts, chunk_elems, progress, controls, encoder)
+                    shortcuts, chunk_elems, progress, controls, reference_scoring, encoder)
     _retry_on_oom(run.prefix, run.stats, "the prefix pass")
     run.start_scoring()
     _retry_on_oom(run.blocks, run.stats, "the intervention passes")

@@ -109,6 +109,8 @@ def test_precision_cost_is_per_metric_and_counts_one_sided_nan_instead_of_hiding
 @pytest.mark.parametrize(("args", "message"), [
     (["--device", "gpu0"], "error: --device is 'gpu0'; allowed: auto, cpu, cuda, cuda:N or mps"),
     (["--device", "cpu", "--dtype", "fp8"], "error: --dtype is 'fp8'; allowed: float32, bfloat16, float16"),
+    (["--device", "cpu", "--control-draws", "-1"], "error: --control-draws is -1; allowed: 0 (none) or more"),
+    (["--device", "cpu", "--threads", "0"], "error: --threads is 0; allowed: 1 or more"),
 ])
 def test_bad_bench_options_are_one_line_naming_the_option(tmp_path, args, message):
     out = tmp_path / "bench.json"
