@@ -198,7 +198,7 @@ SCREEN_COLUMNS: tuple[str, ...] = (
 SCREEN_RANK_COLUMNS: tuple[str, ...] = tuple(c for c in SCREEN_COLUMNS if c not in ("alpha", "est_delta_ce", "verified"))
 # metrics/screen/verification.csv: one row per verified feature and value of the sweep (pipeline.engine.screen_check).
 SCREEN_VERIFICATION_COLUMNS: tuple[str, ...] = (
-    "layer", "feature", "group", "alpha", "n_firing", "density", "slope_delta_ce", "estimate", "exact",
+    "layer", "feature", "group", "alpha", "n_firing", "density", "slope_delta_ce", "estimate", "estimate_2", "exact",
 )
 # metrics/screen/agreement.csv: per (layer, alpha, estimator, subset) (pipeline.stats.screen_agreement).
 SCREEN_AGREEMENT_COLUMNS: tuple[str, ...] = (

@@ -61,7 +61,7 @@ def pick_features(screen: LayerScreen, top_k: int = TOP_K, n_random: int = N_RAN
 def verify_layer(model, sae, resume_at: int, tokens: torch.Tensor, screen: LayerScreen, picks: Picks,
                  values: list[float], *, batch_size: int = 16, second_order: bool = False) -> pd.DataFrame:
     """One row per (picked feature, value of the sweep): `estimate` (first order), `estimate_2` (second order,
-    when asked), `exact` (the engine's delta_ce) and the feature's screen figures."""
+    NaN unless asked), `exact` (the engine's delta_ce) and the feature's screen figures."""
     features = picks.features
     if not features:
         return pd.DataFrame()
@@ -81,7 +81,8 @@ def verify_layer(model, sae, resume_at: int, tokens: torch.Tensor, screen: Layer
                 "slope_delta_ce": float(screen.slope[feature]), "estimate": step * float(screen.slope[feature]),
                 "exact": float(exact[fi, ai]),
             }
-            if curvature is not None:
-                row["estimate_2"] = row["estimate"] + 0.5 * step * step * float(curvature[fi])
+            # the second-order estimate, NaN where it was not asked for
+            row["estimate_2"] = (row["estimate"] + 0.5 * step * step * float(curvature[fi]) if curvature is not None
+                                 else float("nan"))
             rows.append(row)
     return pd.DataFrame(rows)

@@ -68,7 +68,8 @@ def layer_block(inputs: ScreenInputs, spec: dict[str, Any]) -> dict[str, Any]:
         picks = pick_features(layer_screen, config.screen_top_k, config.screen_random, config.seed)
         picked[layer_spec.layer] = {f: picks.group(f) for f in picks.features}
         rows.append(verify_layer(model, layer_spec.sae, layer_spec.resume_at, tokens, layer_screen, picks,
-                                 list(config.alpha_sweep), batch_size=config.batch_size))
+                                 list(config.alpha_sweep), batch_size=config.batch_size,
+                                 second_order=config.screen_estimator == "second_order"))
     seconds["verify"] = time.perf_counter() - started
     return {"screens": {layer: _arrays(s) for layer, s in result.layers.items()}, "picked": picked,
             "rows": [row for frame in rows for row in frame.to_dict("records")], "seconds": seconds,

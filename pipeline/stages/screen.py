@@ -36,18 +36,20 @@ from pipeline.stats.screen_agreement import agreement
 
 # The params this stage reads (its dvc.yaml params; tests/contracts/test_stage_deps.py checks they agree).
 # No `intervention`: the screen estimates the `scale` intervention whatever the study runs (docs/screen.md).
-PARAMS = ("layers", "alpha", "alpha_sweep", "screen_top_k", "screen_random", "seed", "batch_size", "device", "dtype")
+PARAMS = ("layers", "alpha", "alpha_sweep", "screen_top_k", "screen_random", "screen_estimator", "seed", "batch_size",
+          "device", "dtype")
 SCALE_IDENTITY = 1.0  # alpha = 1 is the clean model: estimate and exact are both 0 there
 
 
 def agreement_summary(table: pd.DataFrame) -> dict[str, Any]:
-    """metrics/screen/agreement.json: layer -> alpha -> subset -> the first-order estimate's headline figures."""
+    """metrics/screen/agreement.json: layer -> alpha -> subset -> the first-order estimate's headline figures, and
+    subset + "_second_order" -> the second-order estimate's where it was verified."""
     out: dict[str, Any] = {}
-    first = table[table["estimator"] == "estimate"]
-    for row in first.itertuples(index=False):
+    for row in table.itertuples(index=False):
         figures = {key: getattr(row, key) for key in SCREEN_AGREEMENT_SUMMARY}
         figures = {key: None if isinstance(v, float) and math.isnan(v) else v for key, v in figures.items()}
-        out.setdefault(f"layer_{row.layer}", {}).setdefault(f"alpha_{row.alpha:g}", {})[row.subset] = figures
+        name = row.subset if row.estimator == "estimate" else f"{row.subset}_second_order"
+        out.setdefault(f"layer_{row.layer}", {}).setdefault(f"alpha_{row.alpha:g}", {})[name] = figures
     return out
 
 

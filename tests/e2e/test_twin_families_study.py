@@ -52,7 +52,7 @@ def test_each_family_runs_every_stage_on_the_twin(hub_twin, tmp_path_factory, fa
         server.stop()
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     ran = {line.split("'")[1] for line in result.stdout.splitlines() if line.startswith("Running stage")}
-    assert ran == {"model", "tokenize", "features", "generate", "aggregate", "plot", "report"} | {
+    assert ran == {"model", "tokenize", "screen", "features", "generate", "aggregate", "plot", "report"} | {
         f"intervene@{layer}" for layer in spec["layers"]}
 
     manifest = json.loads((hub_twin / "twin.json").read_text())

@@ -68,6 +68,34 @@ def test_the_verification_runs_every_value_of_the_sweep_and_the_agreement_covers
     assert key["spearman"] == pytest.approx(first["spearman"]) and key["top_overlap"] == first["top_overlap"]
 
 
+def test_the_second_order_estimate_is_verified_beside_the_first_and_is_closer_near_alpha_1(toy_study):
+    """screen_estimator: second_order (the default): every verified row has estimate_2, the agreement has both
+    estimators, and the curvature term brings the estimate closer to exact at the α nearest 1 (Taylor's theorem:
+    the first-order error is O((α-1)^2), the second-order one O((α-1)^3))."""
+    assert parse_params(TOY_STUDY_PARAMS).screen_estimator == "second_order"
+    rows = pd.read_csv(toy_study / artifacts.SCREEN_VERIFICATION)
+    assert rows["estimate_2"].notna().all()
+    assert (rows.loc[rows["alpha"] == 1.0, "estimate_2"] == 0).all()
+    near = rows[rows["alpha"] == 0.5]
+    first_error = (near["estimate"] - near["exact"]).abs()
+    second_error = (near["estimate_2"] - near["exact"]).abs()
+    assert second_error.median() < first_error.median()
+    table = pd.read_csv(toy_study / artifacts.SCREEN_AGREEMENT)
+    assert set(table["estimator"]) == {"estimate", "estimate_2"}
+    summary = read_json(toy_study / artifacts.SCREEN_AGREEMENT_SUMMARY)
+    assert {"all", "random", "all_second_order", "random_second_order"} <= set(summary["layer_0"]["alpha_0.5"])
+
+
+def test_first_order_only_leaves_estimate_2_empty_and_the_agreement_to_first_order():
+    from pipeline.stats.screen_agreement import agreement
+
+    rows = pd.DataFrame({"layer": 0, "feature": range(6), "group": "random", "alpha": 2.0, "n_firing": 3,
+                         "density": 0.1, "slope_delta_ce": [1, 2, 3, 4, 5, 6], "estimate": [1., 2, 3, 4, 5, 6],
+                         "estimate_2": float("nan"), "exact": [1., 2, 3.5, 4, 5, 7]})
+    table = agreement(rows, n_scored=30, top_n=2)
+    assert set(table["estimator"]) == {"estimate"} and len(table) == 2  # subsets random and all
+
+
 def outputs(root) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes()
             for folder in (artifacts.SCREEN_DIR, artifacts.SCREEN_RANKS_DIR) for p in sorted((root / folder).iterdir())}
