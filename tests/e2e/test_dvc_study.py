@@ -18,7 +18,7 @@ from tests.conftest import make_project_copy, run_dvc
 pytestmark = pytest.mark.slow
 
 SMALL = ["-S", "preset=toy", "-S", "layers=[0,11]", "-S", "max_passages=8", "-S", "max_len=32",
-         "-S", "toy_lm_steps=0", "-S", "toy_sae_steps=0"]
+         "-S", "toy_lm_steps=0", "-S", "toy_sae_steps=0", "-S", "screen_top_k=3", "-S", "screen_random=6"]
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,8 @@ from tests.conftest import GIT_ENV, ROOT, copy_of_toy_study, make_project_copy, 
 pytestmark = pytest.mark.slow
 
 # the interrupted `dvc repro` and its fresh twin: four layers, so an interrupt lands between two of them
-SMALL = {"preset": "toy", "layers": [0, 1], "max_passages": 8, "max_len": 32, "toy_lm_steps": 0, "toy_sae_steps": 0}
+SMALL = {"preset": "toy", "layers": [0, 1], "max_passages": 8, "max_len": 32, "toy_lm_steps": 0, "toy_sae_steps": 0,
+         "screen_top_k": 3, "screen_random": 6}
 OUTPUT_DIRS = ("data", "metrics", "plots")
 VARYING = ("data/runs",)  # wall time, date, host: the only outputs that differ run to run
 
@@ -120,7 +121,7 @@ def resumed(tmp_path_factory) -> Path:
     proc = subprocess.Popen([dvc, "repro"], cwd=project, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, env=env, start_new_session=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    deadline = time.time() + 300
+    deadline = time.time() + 900  # model, tokenize, screen, features and two layers on a loaded 2-core machine
     while not (project / "metrics/layers/layer_1.csv").exists():
         assert proc.poll() is None, proc.stdout.read()
         assert time.time() < deadline

@@ -32,7 +32,7 @@ pytestmark = pytest.mark.slow
 
 PARAMS = {"preset": "toy", "layers": [0, 11], "max_passages": 8, "max_len": 32, "features_per_layer": 3,
           "control_draws": 2, "toy_lm_steps": 0, "toy_sae_steps": 0, "generate_tokens": 4,
-          "generate_prompts": ["The"]}
+          "generate_prompts": ["The"], "screen_top_k": 2, "screen_random": 4}
 SUBMITIT = {"PIPELINE_EXECUTOR": "submitit", "PIPELINE_SUBMITIT_CLUSTER": "local", "PIPELINE_SHARDS": "3"}
 LAYER_OUTPUTS = ["metrics/layers/layer_0.csv", "data/detail/layer_0.json"]
 # the run records (wall time, date, host) and the report's section that shows them differ run to run

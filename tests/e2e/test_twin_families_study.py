@@ -17,7 +17,8 @@ from tests.neuronpedia_standin import FakeNeuronpedia
 
 pytestmark = pytest.mark.slow
 
-SIZE = ["-S", "max_passages=4", "-S", "max_len=32", "-S", "features_per_layer=1", "-S", "generate_tokens=8"]
+SIZE = ["-S", "max_passages=4", "-S", "max_len=32", "-S", "features_per_layer=1", "-S", "generate_tokens=8",
+        "-S", "screen_top_k=2", "-S", "screen_random=4"]
 FAMILIES = {
     "gemma-scope": {
         "set": ["-S", "preset=gemma-2-2b", "-S", "layers=[0,25]"],

@@ -18,7 +18,7 @@ from tests.load.test_twin import SAE_REPO, SIZE, snapshot, twin_env
 from tests.neuronpedia_standin import FakeNeuronpedia
 
 pytestmark = pytest.mark.slow
-SCREEN_SIZE = ["-S", "screen_random=10"]  # the verification's sample, small for CI
+SCREEN_SIZE = ["-S", "screen_top_k=3", "-S", "screen_random=10"]  # the verification's sample, small for CI
 
 
 def test_the_gpt2_small_preset_runs_every_stage_on_the_twin(hub_twin, tmp_path_factory):
