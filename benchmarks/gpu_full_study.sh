@@ -15,8 +15,9 @@
 #
 #   bash benchmarks/gpu_full_study.sh [OUT_DIR]      # from the repository root, requirements installed
 #
-# Expected: the gpt2-small twin study well under 8 minutes on an H100-class GPU (about 1 minute of it building the
-# twin); the Gemma study has not been timed yet (the first run downloads ~18 GB).
+# Expected: the gpt2-small twin study took under 8 minutes on an H100-class GPU before the screen stage existed
+# (about 1 minute of it building the twin); with the screen and its second-order verification (screen_estimator) it
+# has not been timed on a GPU yet, nor has the Gemma study (the first run downloads ~18 GB).
 # Writes OUT_DIR/gpu.txt (the card), OUT_DIR/full-study.{log,json}, OUT_DIR/screen-timing.json and
 # OUT_DIR/gemma-full-study.{log,json}.
 set -euo pipefail
