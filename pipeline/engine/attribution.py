@@ -52,7 +52,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from pipeline.core.errors import UserError
-from pipeline.engine.forward import final_residual, is_oom, residual_at, unembed
+from pipeline.engine.forward import device_of, final_residual, residual_at, retry_on_oom, unembed
 from pipeline.engine.normalization import position_scale
 from pipeline.load.library import check_sae_decoder
 
@@ -183,10 +183,6 @@ def _contraction_dtype(*dtypes: torch.dtype) -> torch.dtype:
     return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
-def _device_of(model) -> torch.device:
-    return next(iter(model.parameters())).device
-
-
 class _Accumulator:
     """One layer's running sums on the device; `add` takes one passage batch's hook residual and gradient."""
 
@@ -278,23 +274,6 @@ def scored_ce_gradients(model, tokens: Int[Tensor, "bp pos"], resume_ats: list[i
     return ({k: hooks[k].detach() for k in stops}, dict(zip(stops, grads, strict=True)), total)
 
 
-def _retry_on_oom(step: Callable[[int], None], stats: ScreenStats) -> None:
-    while True:
-        try:
-            step(stats.batch_size)
-            return
-        except (RuntimeError, torch.cuda.OutOfMemoryError) as exc:
-            if not is_oom(exc):
-                raise
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            if stats.batch_size == 1:
-                raise UserError("out of memory during the attribution screen even at batch_size 1; use a smaller "
-                                "max_len or a device with more memory") from None
-            stats.batch_size //= 2
-            stats.oom_halvings += 1
-
-
 @dataclass
 class ScreenResult:
     layers: dict[int, LayerScreen]
@@ -323,7 +302,7 @@ def screen(model, layers: list[ScreenLayer], tokens: Int[Tensor, "n_passages pos
     n, t_len = tokens.shape
     if t_len < 3:
         raise UserError(f"passages of {t_len} tokens have no scored positions; max_len must be >= 3")
-    device = _device_of(model)
+    device = device_of(model)
     accs = {spec.layer: _Accumulator(spec, n, t_len - 2, device, by_passage, chunk_elems) for spec in layers}
     stats = ScreenStats(batch_size=batch_size)
     done = {"passages": 0, "ce": 0.0}
@@ -342,7 +321,7 @@ def screen(model, layers: list[ScreenLayer], tokens: Int[Tensor, "n_passages pos
             if progress is not None:
                 progress(p1 - p0)
 
-    _retry_on_oom(run, stats)
+    retry_on_oom(run, stats, "the attribution screen")
     n_scored = n * (t_len - 2)
     return ScreenResult(layers={k: acc.result(n_scored, done["ce"] / n_scored) for k, acc in accs.items()},
                         stats=stats)
@@ -355,7 +334,7 @@ def forward_backward(model, tokens: Int[Tensor, "n_passages pos"], *, batch_size
     """The screen's floor: the same forward and backward passes (from block 0, the summed scored CE
     backpropagated to the embedding), with no SAE and no contraction. Returns the mean scored CE."""
     tokens = tokens.long().cpu()
-    device = _device_of(model)
+    device = device_of(model)
     total = 0.0
     for p0 in range(0, len(tokens), batch_size):
         _, _, ce = scored_ce_gradients(model, tokens[p0:p0 + batch_size].to(device), [0], chunk_elems)
@@ -396,7 +375,7 @@ def second_order_sums(model, sae, resume_at: int, tokens: Int[Tensor, "n_passage
     Reverse over reverse (the gradient with its graph, then the gradient of v . grad F), (feature, passage)
     rows batched `batch_size` at a time: about five forward passes' work per row. (Forward over forward,
     torch.func.jvp twice, gave the same numbers ten times slower on CPU here.)"""
-    device = _device_of(model)
+    device = device_of(model)
     tokens = tokens.long().cpu()
     with torch.no_grad():
         directions = feature_directions(sae)[features]

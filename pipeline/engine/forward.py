@@ -10,13 +10,19 @@ never held for a whole batch of variants at once.
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
+
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from pipeline.core.errors import UserError
 from pipeline.engine.interventions import Intervention
 from pipeline.engine.normalization import position_scale
 from pipeline.load.library import check_sae_decoder
+
+log = logging.getLogger(__name__)
 
 
 def residual_at(model, tokens: Int[Tensor, "batch pos"], resume_at: int) -> Float[Tensor, "batch pos d_model"]:
@@ -171,3 +177,29 @@ def is_oom(exc: BaseException) -> bool:
         return True
     msg = str(exc).lower()
     return isinstance(exc, RuntimeError) and ("out of memory" in msg or "can't allocate memory" in msg)
+
+
+def device_of(model) -> torch.device:
+    """The device a model's weights are on."""
+    return next(model.parameters()).device
+
+
+def retry_on_oom(step: Callable[[int], None], stats, what: str) -> None:
+    """Run step(stats.batch_size); on out-of-memory halve stats.batch_size (counting stats.oom_halvings) and run it
+    again, down to batch size 1, then one line. `stats` is any record with those two fields (EngineStats,
+    ScreenStats); `step` resumes where the last attempt stopped."""
+    while True:
+        try:
+            step(stats.batch_size)
+            return
+        except (RuntimeError, torch.cuda.OutOfMemoryError) as exc:
+            if not is_oom(exc):
+                raise
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            if stats.batch_size == 1:
+                raise UserError(f"out of memory during {what} even at batch_size 1; use a smaller "
+                                "max_len or a device with more memory") from None
+            stats.batch_size //= 2
+            stats.oom_halvings += 1
+            log.warning("out of memory during %s; batch_size halved to %d", what, stats.batch_size)

@@ -72,9 +72,10 @@ from pipeline.engine.divergence import (
 )
 from pipeline.engine.forward import (
     FeatureEncoder,
+    device_of,
     final_residual,
-    is_oom,
     residual_at,
+    retry_on_oom,
     scaled,
     unembed_difference_into,
     unembed_into,
@@ -124,29 +125,6 @@ class LayerResult:
     def mean_delta(self, f: int, a: int) -> Float64[np.ndarray, " d_vocab"]:
         n_live = int(self.live[f].mask.sum())
         return self.delta_sum[f, a] / n_live if n_live else np.full(self.delta_sum.shape[-1], np.nan)
-
-
-def _device_of(model) -> torch.device:
-    return next(model.parameters()).device
-
-
-def _retry_on_oom(fn: Callable[[int], None], stats: EngineStats, what: str) -> None:
-    """Run fn(batch_size); on out-of-memory halve the batch size and run it again."""
-    while True:
-        try:
-            fn(stats.batch_size)
-            return
-        except (RuntimeError, torch.cuda.OutOfMemoryError) as exc:
-            if not is_oom(exc):
-                raise
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            if stats.batch_size == 1:
-                raise UserError(f"out of memory during {what} even at batch_size 1; use a smaller "
-                                "max_len or a device with more memory") from None
-            stats.batch_size //= 2
-            stats.oom_halvings += 1
-            log.warning("out of memory during %s; batch_size halved to %d", what, stats.batch_size)
 
 
 # (feature, value index, variant: 0 the feature itself, r >= 1 control draw r - 1, passage in block, first position t0
@@ -199,7 +177,7 @@ class _LayerRun:
         self.affine_unembedding = unembeds_differences(model)
         self.features, self.values = features, values
         self.live_percentile, self.shortcuts, self.progress = live_percentile, shortcuts, progress
-        self.device = _device_of(model)
+        self.device = device_of(model)
         self.tokens = tokens.long().cpu()
         self.n, t_len = self.tokens.shape
         if t_len < 3:
@@ -493,7 +471,7 @@ def run_layer(
     features passes its columns of the layer's encoder, so activations round as in the whole layer's run."""
     run = _LayerRun(model, sae, resume_at, tokens, features, values, intervention, batch_size, live_percentile,
                     shortcuts, chunk_elems, progress, controls, reference_scoring, encoder)
-    _retry_on_oom(run.prefix, run.stats, "the prefix pass")
+    retry_on_oom(run.prefix, run.stats, "the prefix pass")
     run.start_scoring()
-    _retry_on_oom(run.blocks, run.stats, "the intervention passes")
+    retry_on_oom(run.blocks, run.stats, "the intervention passes")
     return run.result()
