@@ -54,6 +54,9 @@ def test_reported_counts_follow_the_rule_in_the_docstring(name):
     assert fp["batched_calls_max"] == n_layers * blocks * (2 + f * len(non_identity) * rows_per)
     assert fp["plain_full_passes"] == n_layers * (f * len(values) * n + n)
     assert fp["tokens_per_pass"] == cfg.max_len
+    # the screen's exact verification: its features x the scale sweep without alpha = 1, per passage and layer
+    scale_moves = [v for v in values if v != 1.0]
+    assert fp["screen_suffix_passes_max"] == n_layers * (cfg.screen_top_k + cfg.screen_random) * len(scale_moves) * n
 
 
 def test_the_headline_alpha_joins_the_sweep_and_is_counted():

@@ -32,6 +32,12 @@ def forward_passes(config: Config) -> dict[str, int]:
         "batched_calls_max": layers * math.ceil(n / b) * (2 + f * active * per_row),
         "plain_full_passes": layers * (f * n_values * n + n),
         "tokens_per_pass": config.max_len,
+        # stage `screen`: one forward and backward pass of the corpus, then its verified features run exactly
+        "screen_verified_per_layer": config.screen_top_k + config.screen_random,
+        # the screen verifies the scale intervention whatever `intervention` is (docs/screen.md): alpha = 1 is skipped
+        "screen_suffix_passes_max": layers * (config.screen_top_k + config.screen_random) * n
+        * sum(1 for a in config.alpha_sweep if a != MODES["scale"].identity),
+        "screen_estimator": config.screen_estimator,
     }
 
 
@@ -105,5 +111,10 @@ def format_plan(plan: dict[str, Any]) -> str:
         f"suffix passes (with {fp['control_draws']} random-direction control draws each), in at most "
         f"{fp['batched_calls_max']:,} batched calls",
         f"(the plain way, one full forward per feature x alpha x passage: {fp['plain_full_passes']:,} full passes)",
+        f"screen: one forward and backward pass of the {plan['passages']} passages for every SAE feature, then at most "
+        f"{fp['screen_verified_per_layer']} features per layer run exactly: at most {fp['screen_suffix_passes_max']:,} "
+        "intervened suffix passes"
+        + (" and a double backward per feature and passage where it fires (screen_estimator: second_order)"
+           if fp["screen_estimator"] == "second_order" else ""),
     ]
     return "\n".join(lines)
