@@ -122,9 +122,9 @@ def screen_fragment(inputs: ReportInputs) -> str:
         "The screen estimates, for every feature of every studied layer, the `scale` intervention's all-position ΔCE "
         "to first order: the derivative of ΔCE in α at α = 1 (the clean model), computed for the whole dictionary "
         "from one forward and one backward pass over the corpus, times (α − 1). It is exact in the limit α → 1 and "
-        "misses every curvature of the loss in α, so it fails where the push is large: the farther α is from 1, the "
-        "less it can be trusted. Per layer, the features with the largest estimate and a seeded random sample of "
-        "firing features are then run exactly at every α of the sweep"
+        "misses every curvature of the loss in α: how far from α = 1 it can be trusted is what the exact runs below "
+        "measure. Per layer, the features with the largest estimate and a seeded random sample of firing features "
+        "are then run exactly at every α of the sweep"
         + (", beside a second-order estimate that adds the curvature of the loss along each verified feature's push, "
            "(α − 1)²/2 · vᵀHv (one double backward per feature: too costly for the whole dictionary). "
            if (agreement["estimator"] == "estimate_2").any() else ". ")
