@@ -6,8 +6,8 @@ the real hub and Neuronpedia), or the toy.
     python benchmarks/stage_breakdown.py --preset toy --passages 16 --max-len 64 --repeat 3
     python benchmarks/stage_breakdown.py --preset gemma-2-2b --scale tiny --layers 0,25 --passages 4 --max-len 32
     python benchmarks/stage_breakdown.py --scale tiny --sae-release gpt2-small-resid-post-v5-32k --layers 0,11
-    python benchmarks/stage_breakdown.py --preset gemma-2-2b --real --layers 0,1,...,25   # real weights (GPU, network,
-                                                                                          # a token with the licence)
+    python benchmarks/stage_breakdown.py --preset gemma-2-2b --real   # all 26 layers, real weights (GPU, network,
+                                                                      # a token with the licence)
 
 Twin mode (the default, `--preset gpt2-small`) builds the twin (`python -m pipeline twin`, once per
 --twin directory), copies the checkout into a scratch git repo, starts the local Neuronpedia
@@ -277,7 +277,7 @@ def main() -> None:
     parser.add_argument("--real", action="store_true", help="the real hub and Neuronpedia instead of the twin")
     parser.add_argument("--sae-release", default=None, help="sae_release (default: the preset's)")
     parser.add_argument("--twin", type=Path, default=None, help="twin directory (default: a temporary one)")
-    parser.add_argument("--layers", default=None, help="e.g. 0,1 (default: params.yaml's)")
+    parser.add_argument("--layers", default=None, help="e.g. 0,1 (default: params.yaml's null, every layer of the preset's model)")
     parser.add_argument("--passages", type=int, default=None, help="max_passages (default: the preset's)")
     parser.add_argument("--max-len", type=int, default=None, help="max_len (default: the preset's)")
     parser.add_argument("--features-per-layer", type=int, default=None)

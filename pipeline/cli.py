@@ -160,10 +160,11 @@ def features() -> None:
 
 
 @app.command()
-def intervene(layer: int = typer.Option(..., "--layer", help="The layer to run (one of params `layers`).")) -> None:
-    """Stage `intervene@L`: every feature of layer L x every alpha -> metrics/layers/layer_L.csv."""
-    frame = _run("pipeline.stages.intervene:run_intervene_stage", layer)
-    typer.echo(f"intervene@{layer}: {len(frame)} rows -> {artifacts.layer_metrics(layer)}")
+def intervene() -> None:
+    """Stage `intervene`: every feature of every layer x every alpha -> metrics/layers/layer_L.csv per layer."""
+    frames = _run("pipeline.stages.intervene:run_intervene_stage")
+    n = sum(len(f) for f in frames.values())
+    typer.echo(f"intervene: {n} rows over {len(frames)} layers -> {artifacts.LAYER_METRICS_DIR}/")
 
 
 @app.command()

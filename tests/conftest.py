@@ -124,8 +124,7 @@ def run_stages(config) -> None:
     run_tokenize_stage(config)
     run_screen_stage(config)
     run_features_stage(config)
-    for layer in config.layers:
-        run_intervene_stage(config, layer)
+    run_intervene_stage(config)
     run_generate_stage(config)
     run_aggregate_stage(config)
     run_plot_stage(config)

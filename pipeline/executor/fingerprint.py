@@ -7,7 +7,7 @@ later run exactly when all of these are unchanged:
 - the content of every input file and folder the stage reads (what DVC lists as its data deps);
 - the code: every file of the `pipeline` package (any edit invalidates every stored shard, the
   conservative choice) and the versions of the libraries that compute the numbers;
-- the stage's name (e.g. `intervene@3`) and the shard's spec (e.g. which features it runs).
+- the stage's name (e.g. `intervene`) and the shard's spec (e.g. which features it runs).
 
 How the shards run (the executor, the cluster, the number of retries) is not in the key: it changes
 nothing they compute. The number of shards changes the specs, so only shards with the same spec are

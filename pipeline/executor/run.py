@@ -21,11 +21,11 @@ class ShardWork:
     `fn(inputs, spec)` computes one shard: a pure function of the stage's inputs and the shard's spec,
     defined at a module's top level so a job can import it (submitit pickles it by reference).
     `inputs` is what every shard needs (picklable: e.g. the params); a `spec` is small and JSON-able
-    (e.g. `{"layer": 3, "features": [0, 1]}`) and says which part of the work the shard is.
+    (e.g. `{"layers": [3], "features": [0, 1]}`) and says which part of the work the shard is.
     `fingerprint` (pipeline.executor.fingerprint.stage_fingerprint) covers every input, param and line
     of code the results depend on; with each spec it makes the key finished shards are stored under."""
 
-    stage: str  # e.g. "intervene@3": messages, the store's and the logs' folders, the job name
+    stage: str  # e.g. "intervene": messages, the store's and the logs' folders, the job name
     fn: Callable[[Any, Any], Any]
     inputs: Any
     specs: Sequence[Any]

@@ -78,11 +78,11 @@ def load_inputs(config: Config) -> ReportInputs:
 
     details = {}
     for layer in config.layers:
-        path = artifacts.need(artifacts.layer_detail(layer), f"intervene@{layer}")
+        path = artifacts.need(artifacts.layer_detail(layer), "intervene")
         details[layer] = read_json(path)
         if float(details[layer].get("alpha", config.alpha)) != config.alpha:
             raise UserError(f"{path} holds snippets at alpha {details[layer]['alpha']:g} but params alpha is "
-                            f"{config.alpha:g}; it is stale: rerun `dvc repro intervene@{layer}`")
+                            f"{config.alpha:g}; it is stale: rerun `dvc repro intervene`")
 
     figures = {
         "headline": artifacts.need(artifacts.headline_png(config.alpha), "plot"),
@@ -91,8 +91,7 @@ def load_inputs(config: Config) -> ReportInputs:
         "kl_heatmap": artifacts.need(artifacts.KL_HEATMAP_PNG, "plot"),
     }
 
-    stages = ["model", "tokenize", "features", *(f"intervene_{layer}" for layer in config.layers), "generate", "aggregate",
-              "plot"]
+    stages = ["model", "tokenize", "screen", "features", "intervene", "generate", "aggregate", "plot"]
     runs = {s: read_json(artifacts.run_record(s)) for s in stages if artifacts.run_record(s).exists()}
 
     return ReportInputs(alpha=config.alpha, layers=tuple(config.layers), live_percentile=config.live_percentile,

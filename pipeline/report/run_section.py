@@ -88,21 +88,13 @@ def _versions_html(inputs: ReportInputs) -> str:
     return "<br>".join(parts)
 
 
-def _stage_label(stages: list[str]) -> str:
-    layers = [int(s.split("_")[1]) for s in stages if s.startswith("intervene_")]
-    others = [s for s in stages if not s.startswith("intervene_")]
-    if layers:
-        others.append(f"intervene@{layer_span(layers)}")
-    return ", ".join(others)
-
-
 def _devices_html(inputs: ReportInputs) -> str:
     by_device: dict[str, list[str]] = defaultdict(list)
     for stage, record in inputs.runs.items():
         if record.get("device"):
             by_device[record["device"]].append(stage)
     hosts = sorted({str(r["host"]) for r in inputs.runs.values() if r.get("host")})
-    text = "<br>".join(f"{h(d)}: {h(_stage_label(s))}" for d, s in by_device.items()) or "not recorded"
+    text = "<br>".join(f"{h(d)}: {h(', '.join(s))}" for d, s in by_device.items()) or "not recorded"
     return text + (f"<br>host {h(', '.join(hosts))}" if hosts else "")
 
 
@@ -145,21 +137,14 @@ def run_rows(inputs: ReportInputs, rendered_by: str) -> list[tuple[str, str]]:
 
 
 def wall_time_rows(inputs: ReportInputs) -> list[tuple[str, str, str, str]]:
-    """(stage, wall time, started, note) with the intervene runs folded into one row."""
+    """(stage, wall time, started, note) of each stage that ran before the report."""
     rows, total = [], 0.0
-    intervene = {s: r for s, r in inputs.runs.items() if s.startswith("intervene_")}
-    for stage in ("model", "tokenize", "features", "intervene", "generate", "aggregate", "plot"):
-        if stage == "intervene" and intervene:
-            times = {int(s.split("_")[1]): float(r.get("wall_s", 0.0)) for s, r in intervene.items()}
-            slow = max(times, key=times.get)
-            total += sum(times.values())
-            started = min(str(r.get("started_utc", "")) for r in intervene.values())
-            rows.append((f"intervene@{layer_span(list(times))}", seconds(sum(times.values())), started,
-                         f"{len(times)} runs; slowest layer {slow} ({seconds(times[slow])})"))
-        elif stage in inputs.runs:
+    for stage in ("model", "tokenize", "screen", "features", "intervene", "generate", "aggregate", "plot"):
+        if stage in inputs.runs:
             record = inputs.runs[stage]
             total += float(record.get("wall_s", 0.0))
-            rows.append((stage, seconds(record.get("wall_s")), str(record.get("started_utc", "")), ""))
+            note = f"layers {layer_span(record['layers'])}" if record.get("layers") else ""
+            rows.append((stage, seconds(record.get("wall_s")), str(record.get("started_utc", "")), note))
         else:
             rows.append((stage, "–", "", "no record in data/runs/"))
     rows.append(("total", seconds(total), "", ""))

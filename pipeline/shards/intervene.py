@@ -1,11 +1,12 @@
-"""The work of stage `intervene@L` (pipeline.stages.intervene), as shards: blocks of the layer's features.
+"""The work of stage `intervene` (pipeline.stages.intervene), as shards: blocks of layers, or of one layer's features.
 
-A shard runs the engine (pipeline.engine.run) on its block of features and computes their rows of
+A shard runs the engine (pipeline.engine.run) on its layers' features and computes their rows of
 metrics/layers/layer_L.csv (every metric of pipeline.engine.metrics and the intervals, tests, controls, dose and
 context columns of pipeline.stats.rows) and their entries of data/detail/layer_L.json (top promoted/suppressed
-tokens, the direct logit effect, snippets: top-activating contexts with clean vs intervened predictions); the merge concatenates the
-blocks in feature order. Every number of a feature is computed exactly as in the run over the whole
-layer, so the bytes are the same (tests/stages/test_shards_exact.py):
+tokens, the direct logit effect, snippets: top-activating contexts with clean vs intervened predictions). It loads
+the model once and each layer's SAE in turn. `merge` puts each layer's blocks together in feature order. Every
+number of a feature is computed exactly as in the run over the whole layer, so the bytes are the same for any
+number of shards (tests/stages/test_shards_exact.py):
 
 - the activations come from the encoder of *all* the layer's features (`FeatureColumns`), since a
   matrix product with another number of columns can round differently;
@@ -17,8 +18,7 @@ layer, so the bytes are the same (tests/stages/test_shards_exact.py):
 Why not blocks of passages: a feature's live threshold and its document-level statistics need every
 passage, so a passage block could only return per-position arrays (for GPT-2 Small's default study
 about 0.9 GB per layer) for the merge to finish, and the merge would need the model again for the
-snippets. Blocks of features return a few kilobytes each, and the work ahead (every feature of a layer
-screened) has features to spare.
+snippets. Blocks of features return a few kilobytes each.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ from pipeline.engine.interventions import Intervention
 from pipeline.engine.metrics import density, max_activation, top_tokens, variant_metrics
 from pipeline.engine.run import LayerResult
 from pipeline.engine.snippets import direct_logit_effect, feature_snippets
+from pipeline.executor import split_evenly
 from pipeline.stats.resampling import Resampler
 from pipeline.stats.rows import row_statistics
 
@@ -62,50 +63,76 @@ class FeatureColumns:
 
 
 @dataclass(frozen=True)
-class LayerInputs:
-    """What every shard of intervene@L needs besides the files it reads: the params (and the keys the stage
-    declares, so a shard reads no other) and the layer."""
+class InterveneInputs:
+    """What every shard of `intervene` needs besides the files it reads: the params (and the keys the stage
+    declares, so a shard reads no other)."""
 
     config: Config
     params: tuple[str, ...]
-    layer: int
 
 
-def feature_block(inputs: LayerInputs, spec: dict[str, Any]) -> dict[str, Any]:
-    """One shard: the rows and detail entries of the layer's features at positions spec["features"] (into the
-    layer's rows of data/features.csv, in file order)."""
-    from tqdm import tqdm
+def shard_specs(features_per_layer: dict[int, int], n_shards: int) -> list[dict[str, Any]]:
+    """The stage's work in min(n_shards, its features) shards, in layer and feature order.
 
+    Up to one shard per layer: blocks of whole layers ({"layers": [0, 1, 2]}). More: each layer's features cut
+    into blocks ({"layers": [0], "features": [0, 1]}, positions into the layer's rows of data/features.csv), each
+    further shard going to the layer with the most features per shard (the first such layer on a tie)."""
+    layers = list(features_per_layer)
+    if n_shards <= len(layers):
+        return [{"layers": layers[block.start:block.stop]} for block in split_evenly(len(layers), n_shards)]
+    shards = dict.fromkeys(layers, 1)
+    for _ in range(min(n_shards, sum(features_per_layer.values())) - len(layers)):
+        layer = max((la for la in layers if shards[la] < features_per_layer[la]),
+                    key=lambda la: features_per_layer[la] / shards[la])
+        shards[layer] += 1
+    return [{"layers": [layer], "features": list(block)}
+            for layer in layers for block in split_evenly(features_per_layer[layer], shards[layer])]
+
+
+def shard(inputs: InterveneInputs, spec: dict[str, Any]) -> dict[str, Any]:
+    """One shard: for each layer of spec["layers"], the rows and detail entries of its features (those at positions
+    spec["features"] if given, else all), the model loaded once."""
     from pipeline.core.params.device import resolve_device
     from pipeline.core.params.stage_params import StageParams
     from pipeline.core.plan.record import ModelRecord
     from pipeline.core.runinfo import device_description
+    from pipeline.load import load_model, load_tokenizer
+
+    config = StageParams.of(inputs.config, "intervene", inputs.params)
+    model_record = ModelRecord.read()
+    tokens = artifacts.read_tokens()
+    documents = artifacts.read_tokens_meta()["passage_documents"]
+    device = resolve_device(config.device)
+    model = load_model(model_record, device, config.dtype)
+    tokenizer = load_tokenizer(model_record)
+    layers = [layer_work(model, tokenizer, model_record, config, device, layer, spec.get("features"), tokens,
+                         documents) for layer in spec["layers"]]
+    return {"layers": layers, "device": device_description(device)}
+
+
+def layer_work(model, tokenizer, model_record, config: Config, device: torch.device, layer: int,
+               positions: list[int] | None, tokens: np.ndarray, documents: list) -> dict[str, Any]:
+    """One layer's part of a shard: its features at `positions` (None: all) x every value of the sweep."""
+    from tqdm import tqdm
+
     from pipeline.engine.controls import random_unit_directions
     from pipeline.engine.interventions import INTERVENTIONS
     from pipeline.engine.run import run_layer
-    from pipeline.load import load_model, load_sae, load_tokenizer
+    from pipeline.load import load_sae
 
-    config = StageParams.of(inputs.config, "intervene", inputs.params)
-    layer, positions = inputs.layer, list(spec["features"])
-    model_record = ModelRecord.read()
     plan = model_record.layer(layer).plan()
     layer_features = artifacts.read_features([layer])["feature"].astype(int).tolist()
+    positions = list(range(len(layer_features))) if positions is None else list(positions)
     features = [layer_features[p] for p in positions]
-    tokens = artifacts.read_tokens()
-    documents = artifacts.read_tokens_meta()["passage_documents"]
     intervention = INTERVENTIONS[config.intervention]
     values = list(config.alpha_sweep)
-
-    device = resolve_device(config.device)
-    model = load_model(model_record, device, config.dtype)
     sae = load_sae(model_record, layer, device, config.dtype)
-    tokenizer = load_tokenizer(model_record)
     whole_layer = FeatureEncoder(sae, layer_features)
     encoder = FeatureColumns(whole_layer, positions)
     controls = random_unit_directions(config.seed, layer, features, config.control_draws,
                                       encoder.directions.shape[-1])
     total = len(features) * len(values) * (1 + config.control_draws) * len(tokens)
-    with tqdm(total=total, desc=f"intervene@{layer}", unit="row", disable=None, leave=False) as bar:
+    with tqdm(total=total, desc=f"intervene layer {layer}", unit="row", disable=None, leave=False) as bar:
         result = run_layer(model, sae, plan.resume_at, torch.from_numpy(tokens), features, values,
                            intervention=intervention, batch_size=config.batch_size,
                            live_percentile=config.live_percentile, progress=bar.update, controls=controls,
@@ -114,7 +141,7 @@ def feature_block(inputs: LayerInputs, spec: dict[str, Any]) -> dict[str, Any]:
     rs = Resampler.for_passages(documents, config.seed, layer)
     rows = layer_rows(result, layer, config, tokenizer, rs, intervention, dir_norms, sae_context_size(sae))
     detail = layer_detail(model, encoder, plan, tokens, result, config, tokenizer, intervention)
-    return {"rows": rows, "detail": detail, "engine": vars(result.stats), "device": device_description(device)}
+    return {"layer": layer, "rows": rows, "detail": detail, "engine": vars(result.stats)}
 
 
 def _token_list(pairs: list[tuple[int, float]], tokenizer) -> str:
@@ -194,13 +221,28 @@ def layer_detail(model, encoder: FeatureEncoder, plan, tokens: np.ndarray, resul
     }
 
 
-def merge(results: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[str, Any], dict[str, Any]]:
-    """The shards' rows and detail in feature order (the specs' order), their engine counts summed, and
-    the devices they ran on; one table and one detail file, as the whole layer's run writes them."""
-    rows = [row for r in results for row in r["rows"]]
-    detail = dict(results[0]["detail"])
-    detail["features"] = [entry for r in results for entry in r["detail"]["features"]]
-    engine = {key: sum(r["engine"][key] for r in results) for key in results[0]["engine"]}
-    engine["batch_size"] = min(r["engine"]["batch_size"] for r in results)  # after any out-of-memory halving
+@dataclass
+class LayerOutput:
+    """One layer's rows (its metrics/layers/layer_L.csv), detail (data/detail/layer_L.json) and engine counts."""
+
+    rows: list[dict[str, Any]]
+    detail: dict[str, Any]
+    engine: dict[str, Any]
+
+
+def merge(results: list[dict[str, Any]]) -> tuple[dict[int, LayerOutput], str | list[str]]:
+    """Each layer's blocks put together in feature order (the specs' order), its engine counts summed, and the
+    devices the shards ran on: per layer one table and one detail file, as one run over every layer writes them."""
+    parts: dict[int, list[dict[str, Any]]] = {}
+    for result in results:
+        for part in result["layers"]:
+            parts.setdefault(part["layer"], []).append(part)
+    out = {}
+    for layer, blocks in parts.items():
+        detail = dict(blocks[0]["detail"])
+        detail["features"] = [entry for b in blocks for entry in b["detail"]["features"]]
+        engine = {key: sum(b["engine"][key] for b in blocks) for key in blocks[0]["engine"]}
+        engine["batch_size"] = min(b["engine"]["batch_size"] for b in blocks)  # after any out-of-memory halving
+        out[layer] = LayerOutput([row for b in blocks for row in b["rows"]], detail, engine)
     devices = sorted({r["device"] for r in results})
-    return rows, detail, {"engine": engine, "device": devices[0] if len(devices) == 1 else devices}
+    return out, devices[0] if len(devices) == 1 else devices

@@ -34,7 +34,7 @@ from pipeline.stats.resampling import FWER, N_FAMILIES
 from pipeline.stats.study import add_study_tests, test_counts
 
 # The params this stage reads (its dvc.yaml params; tests/contracts/test_stage_deps.py checks they agree).
-PARAMS = ("layers", "alpha", "alpha_sweep", "intervention")
+PARAMS = ("layers", "preset", "alpha", "alpha_sweep", "intervention")
 # A KL recomputed from float32 logits can come out at about -1e-9 where it is exactly 0.
 KL_TOLERANCE = 1e-6
 
@@ -44,12 +44,12 @@ def load_layer_tables(config: Config) -> pd.DataFrame:
     for layer in config.layers:
         path = artifacts.layer_metrics(layer)
         if not path.exists():
-            raise UserError(f"{path} not found; run `dvc repro` (stage intervene@{layer})")
+            raise UserError(f"{path} not found; run `dvc repro` (stage intervene)")
         frame = pd.read_csv(path, keep_default_na=False, na_values=["", "nan", "NaN"])
         alphas = sorted(frame["alpha"].unique().tolist())
         if len(alphas) != len(config.alpha_sweep) or not np.allclose(alphas, config.alpha_sweep):
             raise UserError(f"{path} holds alphas {alphas} but the sweep is {list(config.alpha_sweep)}; "
-                            f"it is stale: rerun intervene@{layer}")
+                            "it is stale: rerun the intervene stage")
         frames.append(frame)
     return pd.concat(frames, ignore_index=True)
 
@@ -64,7 +64,7 @@ def per_feature_table(config: Config) -> pd.DataFrame:
     if len(unlabeled):
         row = unlabeled.iloc[0]
         raise UserError(f"layer {row['layer']} feature {row['feature']} has metrics but is not in "
-                        f"{artifacts.FEATURES}; rerun intervene@{row['layer']}")
+                        f"{artifacts.FEATURES}; rerun the intervene stage")
     merged["is_headline"] = merged["alpha"] == config.alpha
     merged = add_study_tests(merged, MODES[config.intervention].identity)
     return merged[list(columns.PER_FEATURE_COLUMNS)].sort_values(["layer", "feature", "alpha"], kind="stable")

@@ -24,9 +24,11 @@ from pipeline.load import load_tokenizer
 from pipeline.shards import generate as sharded
 
 # The params this stage reads (its dvc.yaml params; tests/contracts/test_stage_deps.py checks they agree).
-# alpha_sweep and intervention: a null generate_alphas is the sweep (as written) minus the identity.
-PARAMS = ("layers", "generate_alphas", "alpha_sweep", "intervention", "generate_tokens", "generate_temperature",
-          "generate_prompts", "generate_batch_size", "top_k_tokens", "seed", "batch_size", "device", "dtype")
+# alpha_sweep and intervention: a null generate_alphas is the sweep (as written) minus the identity; `preset`
+# with `layers`: a null `layers` is the preset's every layer.
+PARAMS = ("layers", "preset", "generate_alphas", "alpha_sweep", "intervention", "generate_tokens",
+          "generate_temperature", "generate_prompts", "generate_batch_size", "top_k_tokens", "seed", "batch_size",
+          "device", "dtype")
 
 
 def run_generate_stage(config: Config | StageParams) -> pd.DataFrame:

@@ -1,10 +1,12 @@
-"""Stage `intervene@L`: every selected feature of layer L x every value of the sweep.
+"""Stage `intervene`: every selected feature of every layer x every value of the sweep.
 
-The work (pipeline/shards/intervene.py) runs in shards of features, in this process or on a cluster as the
-environment says (pipeline/executor, docs/cluster.md); any number of shards writes the same bytes. This module
-checks the inputs, runs the shards and writes what they return: metrics/layers/layer_L.csv (one row per
-feature x alpha) and data/detail/layer_L.json. A NaN or infinite metric that the definitions do not allow stops
-the stage before anything is written.
+The work (pipeline/shards/intervene.py) runs in shards, in this process or on a cluster as the environment says
+(pipeline/executor, docs/cluster.md); any number of shards writes the same bytes. This module checks the inputs,
+runs the shards and writes what they return, per layer L: metrics/layers/layer_L.csv (one row per feature x
+alpha) and data/detail/layer_L.json; and data/runs/intervene.json. One stage for all layers, like screen and
+generate: the model loads once per shard (once in all, by default), and the layers DVC runs are the ones
+`layers` resolves to (a preset's every layer when it is null), not a list dvc.yaml would have to repeat. A NaN or
+infinite metric that the definitions do not allow stops the stage before anything is written.
 """
 
 from __future__ import annotations
@@ -21,13 +23,14 @@ from pipeline.core.params.config import Config
 from pipeline.core.params.stage_params import StageParams
 from pipeline.core.plan.record import ModelRecord
 from pipeline.core.runinfo import stage_record
-from pipeline.executor import ShardWork, run_shards, settings_from_env, split_evenly, stage_fingerprint
+from pipeline.executor import ShardWork, run_shards, settings_from_env, stage_fingerprint
 from pipeline.shards import intervene as sharded
 from pipeline.stats.nan_rules import nan_allowed
 
 # The params this stage reads (its dvc.yaml params; tests/contracts/test_stage_deps.py checks they agree).
-PARAMS = ("alpha", "alpha_sweep", "intervention", "live_percentile", "top_k_tokens", "n_snippets", "control_draws",
-          "seed", "batch_size", "device", "dtype")
+# A null `layers` is the preset's every layer, so `preset` is read with it (DERIVED_KEYS).
+PARAMS = ("layers", "preset", "alpha", "alpha_sweep", "intervention", "live_percentile", "top_k_tokens", "n_snippets",
+          "control_draws", "seed", "batch_size", "device", "dtype")
 
 def check_finite(rows: list[dict[str, Any]]) -> None:
     """No metric may be infinite, or NaN except where its definition makes it so (pipeline.stats.nan_rules)."""
@@ -45,32 +48,39 @@ def check_finite(rows: list[dict[str, Any]]) -> None:
             )
 
 
-def run_intervene_stage(config: Config | StageParams, layer: int) -> pd.DataFrame:
+def run_intervene_stage(config: Config | StageParams) -> dict[int, pd.DataFrame]:
     config = StageParams.of(config, "intervene", PARAMS)
     model_record = ModelRecord.read()
-    model_record.layer(layer)  # a layer missing from data/model.json is one line, before anything runs
-    features = artifacts.read_features([layer])["feature"].astype(int).tolist()
-    if not features:
-        raise UserError(f"{artifacts.FEATURES} has no features for layer {layer}; rerun the features stage")
+    layers = list(config.layers)
+    for layer in layers:
+        model_record.layer(layer)  # a layer missing from data/model.json is one line, before anything runs
+    features = artifacts.read_features(layers)
+    counts = {layer: int((features["layer"] == layer).sum()) for layer in layers}
+    for layer, n in counts.items():
+        if not n:
+            raise UserError(f"{artifacts.FEATURES} has no features for layer {layer}; rerun the features stage")
     tokens = artifacts.read_tokens()
     documents = artifacts.read_tokens_meta().get("passage_documents")
     if documents is None or len(documents) != len(tokens):
         raise UserError(f"{artifacts.TOKENS_META} records no document per passage; rerun the tokenize stage")
     settings = settings_from_env()
     work = ShardWork(
-        stage=f"intervene@{layer}", fn=sharded.feature_block,
-        inputs=sharded.LayerInputs(config.for_checks(), PARAMS, layer),
-        specs=[{"layer": layer, "features": list(block)} for block in split_evenly(len(features), settings.shards)],
+        stage="intervene", fn=sharded.shard, inputs=sharded.InterveneInputs(config.for_checks(), PARAMS),
+        specs=sharded.shard_specs(counts, settings.shards),
         fingerprint="" if settings.executor == "local" else stage_fingerprint(
-            f"intervene@{layer}", {key: getattr(config, key) for key in PARAMS},
+            "intervene", {key: getattr(config, key) for key in PARAMS},
             [artifacts.MODEL_JSON, artifacts.preset_dir(model_record.preset), artifacts.TOKENS,
              artifacts.TOKENS_META, artifacts.FEATURES]))
-    with stage_record(f"intervene_{layer}", layer=layer) as record:
+    with stage_record("intervene", layers=layers) as record:
         run = run_shards(work, settings)
-        rows, detail, how = sharded.merge(run.results)
-        check_finite(rows)
-        write_json(artifacts.layer_detail(layer), detail)
-        frame = pd.DataFrame(rows)
-        write_csv(artifacts.layer_metrics(layer), frame)
-        record.update(how, executor=run.how)
-    return frame
+        outputs, record["device"] = sharded.merge(run.results)
+        for layer in layers:
+            check_finite(outputs[layer].rows)
+        frames = {}
+        for layer in layers:
+            write_json(artifacts.layer_detail(layer), outputs[layer].detail)
+            frames[layer] = pd.DataFrame(outputs[layer].rows)
+            write_csv(artifacts.layer_metrics(layer), frames[layer])
+        record["engine"] = {str(layer): outputs[layer].engine for layer in layers}
+        record["executor"] = run.how
+    return frames

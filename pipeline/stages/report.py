@@ -25,7 +25,7 @@ from pipeline.report.inputs import load_inputs
 from pipeline.report.render import choose_renderer, describe, external_resources, render
 
 # The params this stage reads (its dvc.yaml params; tests/contracts/test_stage_deps.py checks they agree).
-PARAMS = ("alpha", "layers", "live_percentile")
+PARAMS = ("alpha", "layers", "preset", "live_percentile")
 
 STYLESHEET = Path(__file__).resolve().parents[1] / "report" / "report.css"
 

@@ -36,8 +36,9 @@ from pipeline.stats.screen_agreement import agreement
 
 # The params this stage reads (its dvc.yaml params; tests/contracts/test_stage_deps.py checks they agree).
 # No `intervention`: the screen estimates the `scale` intervention whatever the study runs (docs/screen.md).
-PARAMS = ("layers", "alpha", "alpha_sweep", "screen_top_k", "screen_random", "screen_estimator", "seed", "batch_size",
-          "device", "dtype")
+# `preset` with `layers`: a null `layers` is the preset's every layer.
+PARAMS = ("layers", "preset", "alpha", "alpha_sweep", "screen_top_k", "screen_random", "screen_estimator", "seed",
+          "batch_size", "device", "dtype")
 SCALE_IDENTITY = 1.0  # alpha = 1 is the clean model: estimate and exact are both 0 there
 
 

@@ -19,11 +19,11 @@ def _outs(stage: dict) -> set[str]:
 def test_every_stage_is_a_cli_command_and_a_module():
     commands = {c.name or c.callback.__name__ for c in app.registered_commands}
     for name, stage in STAGES.items():
-        cmd = (stage.get("do") or stage)["cmd"]
+        cmd = stage["cmd"]
         assert cmd.startswith(f"python -m pipeline {name}"), cmd
         assert name in commands
         assert (ROOT / "pipeline" / "stages" / f"{name}.py").exists()
-        assert f"pipeline/stages/{name}.py" in (stage.get("do") or stage)["deps"]
+        assert f"pipeline/stages/{name}.py" in stage["deps"]
 
 
 def test_artifact_paths_are_the_packages():
@@ -31,10 +31,10 @@ def test_artifact_paths_are_the_packages():
     assert "data/${preset}" in _outs(STAGES["model"])
     assert {str(artifacts.TOKENS), str(artifacts.TOKENS_META)} <= _outs(STAGES["tokenize"])
     assert {str(artifacts.FEATURES), str(artifacts.NEURONPEDIA_CACHE)} <= _outs(STAGES["features"])
-    layer_outs = _outs(STAGES["intervene"]["do"])
-    assert str(artifacts.layer_metrics(7)).replace("7", "${item}") in layer_outs
-    assert str(artifacts.layer_detail(7)).replace("7", "${item}") in layer_outs
-    assert str(artifacts.run_record("intervene_7")).replace("7", "${item}") in layer_outs
+    assert {str(artifacts.LAYER_METRICS_DIR), str(artifacts.DETAIL_DIR), str(artifacts.run_record("intervene"))} == \
+        _outs(STAGES["intervene"])
+    assert artifacts.layer_metrics(7).parent == artifacts.LAYER_METRICS_DIR
+    assert artifacts.layer_detail(7).parent == artifacts.DETAIL_DIR
     assert {str(artifacts.PER_FEATURE), str(artifacts.PER_LAYER), str(artifacts.SUMMARY)} <= _outs(STAGES["aggregate"])
     assert str(artifacts.PLOTS) in _outs(STAGES["plot"])
     assert {str(artifacts.REPORT_HTML), str(artifacts.REPORT_GENERATED)} <= _outs(STAGES["report"])
@@ -46,12 +46,13 @@ def test_artifact_paths_are_the_packages():
 def test_stage_params_are_known_keys_and_plot_reads_no_forward_pass_key():
     known = set(yaml.safe_load((ROOT / "params.yaml").read_text()))
     for stage in STAGES.values():
-        assert set((stage.get("do") or stage).get("params", [])) <= known
+        assert set(stage.get("params", [])) <= known
     # intervention only words the axes (a change of it re-runs intervene anyway)
     assert set(STAGES["plot"]["params"]) == {"alpha", "intervention", "plot_dpi"}
-    assert "plot_dpi" not in STAGES["intervene"]["do"]["params"]
-    assert "alpha" in STAGES["intervene"]["do"]["params"]
-    assert STAGES["intervene"]["foreach"] == "${layers}"
+    assert "plot_dpi" not in STAGES["intervene"]["params"]
+    assert "alpha" in STAGES["intervene"]["params"]
+    # no stage per layer: the layers a null `layers` resolves to (the preset's every layer) are known only in Python
+    assert not any("foreach" in stage for stage in STAGES.values())
 
 
 def test_every_cached_output_is_ignored_by_the_root_gitignore():
@@ -62,15 +63,12 @@ def test_every_cached_output_is_ignored_by_the_root_gitignore():
     from pipeline.core.params.config import PRESETS
 
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
-    layers = yaml.safe_load((ROOT / "params.yaml").read_text())["layers"]
     paths = set()
     for stage in stages.values():
-        body = stage.get("do", stage)
-        for out in body.get("outs", []):
+        for out in stage.get("outs", []):
             path, spec = (out, {}) if isinstance(out, str) else next(iter(out.items()))
             if spec.get("cache", True):
-                paths |= {path.replace("${item}", str(layer)).replace("${preset}", preset)
-                          for layer in layers for preset in PRESETS}
+                paths |= {path.replace("${preset}", preset) for preset in PRESETS}
 
     def ignored(path: str) -> bool:  # a folder output's pattern ends in "/": ask about a file inside it too
         return any(subprocess.run(["git", "check-ignore", "-q", "--no-index", p], cwd=ROOT).returncode == 0

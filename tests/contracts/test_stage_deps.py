@@ -91,8 +91,7 @@ def stage_code(stage: str) -> set[Path]:
 
 
 def stage_spec(dvc: dict, stage: str) -> dict:
-    spec = dvc["stages"][stage]
-    return spec.get("do", spec)
+    return dvc["stages"][stage]
 
 
 def uncovered(dvc: dict, stage: str) -> list[str]:

@@ -1,8 +1,8 @@
 """Interruptions and reruns, through the real command line and DVC (bad input: tests/stages/test_bad_input.py).
 
 - a NaN metric stops the stage in one line naming layer, feature and alpha, and writes nothing;
-- Ctrl-C in the middle of `dvc repro` leaves only whole files, and the rerun resumes with the
-  layers already finished; SIGTERM in the middle of a stage leaves its output absent or whole;
+- Ctrl-C in the middle of `dvc repro` leaves only whole files, and the rerun resumes after the
+  stages already finished; SIGTERM in the middle of a stage leaves its output absent or whole;
 - the same params give byte-identical outputs in two fresh copies of the project.
 """
 
@@ -26,7 +26,8 @@ from tests.conftest import GIT_ENV, ROOT, copy_of_toy_study, make_project_copy, 
 
 pytestmark = pytest.mark.slow
 
-# the interrupted `dvc repro` and its fresh twin: four layers, so an interrupt lands between two of them
+# the interrupted `dvc repro` and its fresh twin (with four layers, so the intervene stage runs long enough to be
+# interrupted in its work)
 SMALL = {"preset": "toy", "layers": [0, 1], "max_passages": 8, "max_len": 32, "toy_lm_steps": 0, "toy_sae_steps": 0,
          "screen_top_k": 3, "screen_random": 6}
 OUTPUT_DIRS = ("data", "metrics", "plots")
@@ -69,14 +70,19 @@ def test_a_nan_metric_stops_the_stage_naming_layer_feature_and_alpha(study):
     state["W_dec"][feature] = float("nan")
     save_file(state, weights)
     (study / "metrics/layers/layer_11.csv").unlink()
+    layer_0 = study / "metrics/layers/layer_0.csv"
+    layer_0.write_text("the stage must not touch this file\n")
     try:
-        result = run_cli(["--params", "small.yaml", "intervene", "--layer", "11"], study, timeout=300)
+        result = run_cli(["--params", "small.yaml", "intervene"], study, timeout=300)
     finally:
         weights.write_bytes(original)
     assert result.returncode == 2, result.stderr
     assert f"layer 11 feature {feature} alpha 0: " in result.stderr and "is nan" in result.stderr
+    # nothing written: neither the poisoned layer nor the healthy one
     assert not (study / "metrics/layers/layer_11.csv").exists()
-    assert run_cli(["--params", "small.yaml", "intervene", "--layer", "11"], study).returncode == 0
+    assert layer_0.read_text() == "the stage must not touch this file\n"
+    assert run_cli(["--params", "small.yaml", "intervene"], study).returncode == 0
+    _whole(layer_0)
 
 
 def _whole(path: Path) -> None:
@@ -95,7 +101,7 @@ def test_sigterm_mid_stage_leaves_the_output_absent_or_whole(study):
     target = study / "metrics/layers/layer_0.csv"
     for delay in (0.5, 2.0, 4.0):
         target.unlink(missing_ok=True)
-        proc = subprocess.Popen([sys.executable, "-m", "pipeline", "--params", "small.yaml", "intervene", "--layer", "0"],
+        proc = subprocess.Popen([sys.executable, "-m", "pipeline", "--params", "small.yaml", "intervene"],
                                 cwd=study, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                 env={**os.environ, "PYTHONPATH": str(ROOT)})  # the toy study folder holds no code
         time.sleep(delay)
@@ -105,13 +111,31 @@ def test_sigterm_mid_stage_leaves_the_output_absent_or_whole(study):
         if target.exists():
             _whole(target)
         assert not list(study.rglob(".*.tmp")), "a temporary file was left behind"
-    assert run_cli(["--params", "small.yaml", "intervene", "--layer", "0"], study).returncode == 0
+    assert run_cli(["--params", "small.yaml", "intervene"], study).returncode == 0
     _whole(target)
+
+
+def _running(pid: int, words: list[str]) -> bool:
+    """Whether a process under `pid` runs a command line with `words` in a row (e.g. a DVC stage's command)."""
+    import psutil
+
+    try:
+        children = psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return False
+    for child in children:
+        try:
+            line = child.cmdline()
+        except psutil.Error:
+            continue
+        if any(line[i:i + len(words)] == words for i in range(len(line))):
+            return True
+    return False
 
 
 @pytest.fixture(scope="module")
 def resumed(tmp_path_factory) -> Path:
-    """`dvc repro` interrupted with Ctrl-C after two of four layers, then run again to the end."""
+    """`dvc repro` interrupted with Ctrl-C while the intervene stage runs, then run again to the end."""
     project = make_project_copy(tmp_path_factory.mktemp("interrupted"))
     write_params(project, "params.yaml", layers=[0, 1, 2, 3])
     env = {**os.environ, **GIT_ENV}
@@ -121,11 +145,12 @@ def resumed(tmp_path_factory) -> Path:
     proc = subprocess.Popen([dvc, "repro"], cwd=project, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, env=env, start_new_session=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    deadline = time.time() + 900  # model, tokenize, screen, features and two layers on a loaded 2-core machine
-    while not (project / "metrics/layers/layer_1.csv").exists():
+    deadline = time.time() + 900  # model, tokenize, screen and features on a loaded 2-core machine
+    while not _running(proc.pid, ["pipeline", "intervene"]):
         assert proc.poll() is None, proc.stdout.read()
         assert time.time() < deadline
         time.sleep(0.2)
+    time.sleep(2.0)  # inside the stage's work
     # Ctrl-C reaches the whole foreground group. DVC ignores SIGINT while a stage's command runs
     # (the command gets it) but a press between two stages can be absorbed, so press until it stops.
     while proc.poll() is None:
@@ -152,12 +177,12 @@ def resumed(tmp_path_factory) -> Path:
     return project
 
 
-def test_ctrl_c_during_dvc_repro_keeps_finished_layers_and_resumes(resumed):
+def test_ctrl_c_during_dvc_repro_keeps_finished_stages_and_resumes(resumed):
     assert (resumed / "interrupted.ok").exists()  # outputs were whole right after the interrupt
     log = (resumed / "resume.log").read_text()
-    assert "Stage 'intervene@0' didn't change, skipping" in log
     assert "Stage 'model' didn't change, skipping" in log
-    assert "Running stage 'intervene@3'" in log
+    assert "Stage 'tokenize' didn't change, skipping" in log
+    assert "Running stage 'intervene'" in log
     assert (resumed / "metrics/summary.json").exists()
 
 

@@ -33,8 +33,10 @@ pytestmark = pytest.mark.slow
 PARAMS = {"preset": "toy", "layers": [0, 11], "max_passages": 8, "max_len": 32, "features_per_layer": 3,
           "control_draws": 2, "toy_lm_steps": 0, "toy_sae_steps": 0, "generate_tokens": 4,
           "generate_prompts": ["The"], "screen_top_k": 2, "screen_random": 4}
-SUBMITIT = {"PIPELINE_EXECUTOR": "submitit", "PIPELINE_SUBMITIT_CLUSTER": "local", "PIPELINE_SHARDS": "3"}
-LAYER_OUTPUTS = ["metrics/layers/layer_0.csv", "data/detail/layer_0.json"]
+# 6 shards: intervene's 2 layers x 3 features cut into one feature per shard (generate and screen: one layer each)
+SUBMITIT = {"PIPELINE_EXECUTOR": "submitit", "PIPELINE_SUBMITIT_CLUSTER": "local", "PIPELINE_SHARDS": "6"}
+LAYER_OUTPUTS = ["metrics/layers/layer_0.csv", "data/detail/layer_0.json", "metrics/layers/layer_11.csv",
+                 "data/detail/layer_11.json"]
 # the run records (wall time, date, host) and the report's section that shows them differ run to run
 VARYING = ("data/runs/", "report/generated/run.md", "report/report.html")
 
@@ -44,12 +46,9 @@ def _without_executor_env() -> dict[str, str]:
 
 
 def outputs(project: Path) -> dict[str, str]:
-    """sha256 of every output dvc.lock records for this study's stages, but the VARYING ones.
-    (The lock keeps entries of layers no longer in `layers`.)"""
+    """sha256 of every output dvc.lock records, but the VARYING ones."""
     lock = yaml.safe_load((project / "dvc.lock").read_text())
-    current = {name: stage for name, stage in lock["stages"].items()
-               if not name.startswith("intervene@") or int(name.split("@")[1]) in PARAMS["layers"]}
-    paths = {o["path"] for stage in current.values() for o in stage.get("outs", [])}
+    paths = {o["path"] for stage in lock["stages"].values() for o in stage.get("outs", [])}
     files = []
     for path in sorted(paths):
         full = project / path
@@ -76,24 +75,24 @@ def study(tmp_path_factory):
     return project, outputs(project)
 
 
-def stage(project: Path, env: dict[str, str], layer: int = 0) -> subprocess.Popen:
-    """`python -m pipeline intervene --layer L` as DVC would start it, with the executor's variables."""
+def stage(project: Path, env: dict[str, str]) -> subprocess.Popen:
+    """`python -m pipeline intervene` as DVC would start it, with the executor's variables."""
     full = {**_without_executor_env(), **GIT_ENV, "PYTHONPATH": str(project), **env}
-    return subprocess.Popen([sys.executable, "-m", "pipeline", "intervene", "--layer", str(layer)], cwd=project,
+    return subprocess.Popen([sys.executable, "-m", "pipeline", "intervene"], cwd=project,
                             env=full, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 class ShardSaboteur(threading.Thread):
-    """Sends `sig` to the worker of every job that runs the shard with `features`, up to `times` times.
+    """Sends `sig` to the worker of every job that runs the shard `spec`, up to `times` times.
 
     A job's folder is named by its job id and holds its submitted pickle, whose arguments are
     run_shard(fn, inputs, spec, path). The worker is the `submitit.core._submit` process under the job's
     root process: on submitit's local cluster the controller, whose pid is the job id; under the SLURM
     stand-in (tests/fake_slurm.py) the task's process, whose pid its state file holds."""
 
-    def __init__(self, jobs_dir: Path, features: list[int], sig: int, times: int, slurm_state: Path | None = None):
+    def __init__(self, jobs_dir: Path, spec: dict, sig: int, times: int, slurm_state: Path | None = None):
         super().__init__(daemon=True)
-        self.jobs_dir, self.features, self.sig, self.times = jobs_dir, features, sig, times
+        self.jobs_dir, self.spec, self.sig, self.times = jobs_dir, spec, sig, times
         self.slurm_state = slurm_state
         self.hit: list[int] = []  # worker pids signalled
         self.seen: set[str] = set()
@@ -117,7 +116,7 @@ class ShardSaboteur(threading.Thread):
                 if spec is None:
                     continue
                 self.seen.add(job.name)
-                if spec["features"] != self.features:
+                if spec != self.spec:
                     continue
                 worker = self.worker_of(job.name)
                 if worker is not None:
@@ -157,11 +156,10 @@ def test_the_sharded_study_writes_the_local_executors_bytes(study, tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     print(f"\nsubmitit local cluster, 3 shards: dvc repro --force {time.perf_counter() - started:.0f} s")
     assert outputs(project) == local
-    for layer in (0, 11):
-        record = json.loads((project / f"data/runs/intervene_{layer}.json").read_text())
-        assert record["executor"]["cluster"] == "local" and record["executor"]["n_shards"] == 3
+    record = json.loads((project / "data/runs/intervene.json").read_text())
+    assert record["executor"]["cluster"] == "local" and record["executor"]["n_shards"] == 6
     assert json.loads((project / "data/runs/generate.json").read_text())["executor"]["n_shards"] == 2  # 2 layers
-    assert len(list((tmp_path / "executor/store/intervene@0").glob("*.pkl"))) == 3
+    assert len(list((tmp_path / "executor/store/intervene").glob("*.pkl"))) == 6
     status = run_dvc(["status", "--json"], project, env=_without_executor_env())
     assert json.loads(status.stdout) == {}, status.stdout
 
@@ -169,16 +167,16 @@ def test_the_sharded_study_writes_the_local_executors_bytes(study, tmp_path):
 def test_a_shard_killed_once_is_resubmitted_and_changes_nothing(study, tmp_path):
     project, local = study
     folder = tmp_path / "executor"
-    saboteur = ShardSaboteur(folder / "jobs/intervene@0", [1], signal.SIGKILL, times=1)
+    saboteur = ShardSaboteur(folder / "jobs/intervene", {"layers": [0], "features": [1]}, signal.SIGKILL, times=1)
     saboteur.start()
     proc = stage(project, {**SUBMITIT, "PIPELINE_EXECUTOR_DIR": str(folder), "PIPELINE_SHARD_RETRIES": "1"})
     out, err = proc.communicate(timeout=900)
     saboteur.stop.set()
     assert proc.returncode == 0, out + err
     assert len(saboteur.hit) == 1
-    assert "intervene@0: shard 2 of 3 (layer 0, features [1]) failed (it ended without a result" in err
+    assert "intervene: shard 2 of 6 (layers [0], features [1]) failed (it ended without a result" in err
     assert "resubmitting it (retry 1 of 1)" in err
-    record = json.loads((project / "data/runs/intervene_0.json").read_text())["executor"]
+    record = json.loads((project / "data/runs/intervene.json").read_text())["executor"]
     assert record["resubmitted"] == 1 and record["reused"] == 0
     assert {k: v for k, v in outputs(project).items() if k in LAYER_OUTPUTS} == {k: local[k] for k in LAYER_OUTPUTS}
 
@@ -188,7 +186,7 @@ def test_a_shard_that_always_fails_ends_the_stage_in_one_line_and_writes_nothing
     for path in LAYER_OUTPUTS:
         (project / path).unlink()
     folder = tmp_path / "executor"
-    saboteur = ShardSaboteur(folder / "jobs/intervene@0", [2], signal.SIGKILL, times=2)
+    saboteur = ShardSaboteur(folder / "jobs/intervene", {"layers": [0], "features": [2]}, signal.SIGKILL, times=2)
     saboteur.start()
     proc = stage(project, {**SUBMITIT, "PIPELINE_EXECUTOR_DIR": str(folder), "PIPELINE_SHARD_RETRIES": "1"})
     out, err = proc.communicate(timeout=900)
@@ -197,13 +195,13 @@ def test_a_shard_that_always_fails_ends_the_stage_in_one_line_and_writes_nothing
     assert len(saboteur.hit) == 2
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "Traceback" not in err, err
-    assert errors[0].startswith("error: intervene@0: shard 3 of 3 (layer 0, features [2]) failed 2 times "
+    assert errors[0].startswith("error: intervene: shard 3 of 6 (layers [0], features [2]) failed 2 times "
                                 "(it ended without a result"), errors[0]
     log = Path(errors[0].split("its log: ")[1])
-    assert log.is_file() and log.is_relative_to(folder / "jobs/intervene@0")
+    assert log.is_file() and log.is_relative_to(folder / "jobs/intervene")
     assert not any((project / path).exists() for path in LAYER_OUTPUTS)
     # the other shards were cancelled or had finished: none of the stage's jobs is left running
-    controllers = [int(job.name) for job in (folder / "jobs/intervene@0").glob("[0-9]*")]
+    controllers = [int(job.name) for job in (folder / "jobs/intervene").glob("[0-9]*")]
     time.sleep(3)
     assert not [pid for pid in controllers if psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"]
 
@@ -214,15 +212,15 @@ def test_an_interrupted_stage_reuses_its_finished_shards(study, tmp_path):
         (project / path).unlink(missing_ok=True)
     folder = tmp_path / "executor"
     env = {**SUBMITIT, "PIPELINE_EXECUTOR_DIR": str(folder)}
-    # shard 1 of 3 is held (stopped) so it cannot finish before the interrupt; the others do
-    holder = ShardSaboteur(folder / "jobs/intervene@0", [0], signal.SIGSTOP, times=1)
+    # shard 1 of 6 is held (stopped) so it cannot finish before the interrupt; the others do
+    holder = ShardSaboteur(folder / "jobs/intervene", {"layers": [0], "features": [0]}, signal.SIGSTOP, times=1)
     holder.start()
     proc = stage(project, env)
-    store = folder / "store/intervene@0"
+    store = folder / "store/intervene"
     deadline = time.monotonic() + 900
-    while len(list(store.glob("*.pkl"))) < 2 and time.monotonic() < deadline and proc.poll() is None:
+    while len(list(store.glob("*.pkl"))) < 5 and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.2)
-    assert len(list(store.glob("*.pkl"))) == 2 and len(holder.hit) == 1
+    assert len(list(store.glob("*.pkl"))) == 5 and len(holder.hit) == 1
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, out + err
@@ -233,9 +231,9 @@ def test_an_interrupted_stage_reuses_its_finished_shards(study, tmp_path):
     again = stage(project, env)
     out, err = again.communicate(timeout=900)
     assert again.returncode == 0, out + err
-    record = json.loads((project / "data/runs/intervene_0.json").read_text())["executor"]
-    assert (record["reused"], record["resubmitted"]) == (2, 0)
-    assert "intervene@0: 2 of 3 shards reused" in err
+    record = json.loads((project / "data/runs/intervene.json").read_text())["executor"]
+    assert (record["reused"], record["resubmitted"]) == (5, 0)
+    assert "intervene: 5 of 6 shards reused" in err
     assert {k: v for k, v in outputs(project).items() if k in LAYER_OUTPUTS} == {k: local[k] for k in LAYER_OUTPUTS}
 
 
@@ -254,7 +252,8 @@ def test_the_slurm_path_with_stand_in_commands(study, tmp_path):
         (project / path).unlink(missing_ok=True)
     slurm = install(tmp_path / "bin", tmp_path / "slurm")
     folder = tmp_path / "executor"
-    saboteur = ShardSaboteur(folder / "jobs/intervene@0", [0], signal.SIGKILL, times=1, slurm_state=tmp_path / "slurm")
+    saboteur = ShardSaboteur(folder / "jobs/intervene", {"layers": [0], "features": [0]}, signal.SIGKILL, times=1,
+                             slurm_state=tmp_path / "slurm")
     saboteur.start()
     params = json.dumps({"slurm_partition": "gpu", "timeout_min": 30})
     proc = stage(project, {**SUBMITIT, **slurm, "PIPELINE_SUBMITIT_CLUSTER": "slurm", "PIPELINE_EXECUTOR_DIR": str(folder),
@@ -264,8 +263,8 @@ def test_the_slurm_path_with_stand_in_commands(study, tmp_path):
     assert proc.returncode == 0, out + err
     assert len(saboteur.hit) == 1
     assert "failed (it ended without a result (state FAILED)); resubmitting it (retry 1 of 2)" in err, err
-    script = next((folder / "jobs/intervene@0").glob("*/1000_submission.sh")).read_text()
-    assert "#SBATCH --array=0-2%3" in script and "#SBATCH --partition=gpu" in script and "#SBATCH --time=30" in script
+    script = next((folder / "jobs/intervene").glob("*/1000_submission.sh")).read_text()
+    assert "#SBATCH --array=0-5%6" in script and "#SBATCH --partition=gpu" in script and "#SBATCH --time=30" in script
     assert sorted(p.name for p in (tmp_path / "slurm").iterdir() if p.name != "counter") == [
-        "1000_0", "1000_1", "1000_2", "1001"]  # the array, then the resubmitted shard alone
+        *(f"1000_{i}" for i in range(6)), "1001"]  # the array, then the resubmitted shard alone
     assert {k: v for k, v in outputs(project).items() if k in LAYER_OUTPUTS} == {k: local[k] for k in LAYER_OUTPUTS}

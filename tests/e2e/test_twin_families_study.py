@@ -21,18 +21,18 @@ SIZE = ["-S", "max_passages=4", "-S", "max_len=32", "-S", "features_per_layer=1"
         "-S", "screen_top_k=2", "-S", "screen_random=4"]
 FAMILIES = {
     "gemma-scope": {
-        "set": ["-S", "preset=gemma-2-2b", "-S", "layers=[0,25]"],
-        "layers": [0, 25],
-        "sae_ids": {0: "layer_0/width_16k/canonical", 25: "layer_25/width_16k/canonical"},
+        "set": ["-S", "preset=gemma-2-2b"],  # every one of its 26 layers (params.yaml's null `layers`)
+        "layers": list(range(26)),
+        "sae_ids": {layer: f"layer_{layer}/width_16k/canonical" for layer in range(26)},
         "repos": ("google/gemma-2-2b", "google/gemma-scope-2b-pt-res"),
         "neuronpedia": "https://www.neuronpedia.org/gemma-2-2b/{layer}-gemmascope-res-16k/",
         "architecture": "jumprelu",
         "bos": 2,
     },
     "openai-topk": {
-        "set": ["-S", "sae_release=gpt2-small-resid-post-v5-32k", "-S", "layers=[0,11]"],
-        "layers": [0, 11],
-        "sae_ids": {0: "blocks.0.hook_resid_post", 11: "blocks.11.hook_resid_post"},
+        "set": ["-S", "sae_release=gpt2-small-resid-post-v5-32k"],  # the README's example: every layer
+        "layers": list(range(12)),
+        "sae_ids": {layer: f"blocks.{layer}.hook_resid_post" for layer in range(12)},
         "repos": ("gpt2", "jbloom/GPT2-Small-OAI-v5-32k-resid-post-SAEs"),
         "neuronpedia": "https://www.neuronpedia.org/gpt2-small/{layer}-res_post_32k-oai/",
         "architecture": "topk",
@@ -53,8 +53,8 @@ def test_each_family_runs_every_stage_on_the_twin(hub_twin, tmp_path_factory, fa
         server.stop()
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     ran = {line.split("'")[1] for line in result.stdout.splitlines() if line.startswith("Running stage")}
-    assert ran == {"model", "tokenize", "screen", "features", "generate", "aggregate", "plot", "report"} | {
-        f"intervene@{layer}" for layer in spec["layers"]}
+    assert ran == {"model", "tokenize", "screen", "features", "intervene", "generate", "aggregate", "plot", "report"}
+    assert json.loads((project / "data/runs/intervene.json").read_text())["layers"] == spec["layers"]
 
     manifest = json.loads((hub_twin / "twin.json").read_text())
     resolved = json.loads((project / "data/model.json").read_text())

@@ -33,8 +33,8 @@ def test_the_gpt2_small_preset_runs_every_stage_on_the_twin(hub_twin, tmp_path_f
         server.stop()
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     ran = {line.split("'")[1] for line in result.stdout.splitlines() if line.startswith("Running stage")}
-    assert ran == {"model", "tokenize", "screen", "features", "generate", "aggregate", "plot", "report"} | {
-        f"intervene@{i}" for i in range(12)}
+    assert ran == {"model", "tokenize", "screen", "features", "intervene", "generate", "aggregate", "plot", "report"}
+    assert json.loads((project / "data/runs/intervene.json").read_text())["layers"] == list(range(12))
 
     manifest = json.loads((twin / "twin.json").read_text())
     resolved = json.loads((project / "data/model.json").read_text())

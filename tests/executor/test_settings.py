@@ -61,14 +61,14 @@ def test_submitits_own_refusal_of_a_parameter_is_one_line(tmp_path):
     settings = ExecutorSettings(executor="submitit", cluster="local", folder=tmp_path,
                                 submitit_params={"slurm_partitoin": "gpu"})  # misspelt
     with pytest.raises(UserError, match=r"PIPELINE_SUBMITIT_PARAMS is refused by submitit's AutoExecutor: .*'slurm_partitoin'") as info:
-        make_executor(settings, "intervene@0")
+        make_executor(settings, "intervene")
     assert "\n" not in str(info.value)
 
 
 def test_the_parameters_reach_submitits_executor(tmp_path):
     settings = ExecutorSettings(executor="submitit", cluster="local", folder=tmp_path,
                                 submitit_params={"timeout_min": 7, "slurm_partition": "gpu"})
-    executor = make_executor(settings, "intervene@0")
+    executor = make_executor(settings, "intervene")
     assert executor.cluster == "local" and executor.parameters["timeout_min"] == 7  # slurm_* is SLURM's alone
 
 

@@ -122,7 +122,7 @@ def test_engine_equals_sae_lens_splice_on_gpt2(gpt2, saes, plans):
 
 @pytest.mark.slow
 def test_one_layer_of_the_real_study_end_to_end(tmp_path, monkeypatch):
-    """model -> tokenize (WikiText-2) -> features (curated csv) -> intervene@6 -> aggregate."""
+    """model -> tokenize (WikiText-2) -> features (curated csv) -> intervene (layer 6) -> aggregate."""
     from pipeline.stages.aggregate import run_aggregate_stage
     from pipeline.stages.features import run_features_stage
     from pipeline.stages.generate import run_generate_stage
@@ -140,7 +140,7 @@ def test_one_layer_of_the_real_study_end_to_end(tmp_path, monkeypatch):
     assert resolved["model"]["hub"][0]["revision"] != "unknown"
     run_tokenize_stage(config)
     run_features_stage(config)
-    frame = run_intervene_stage(config, 6)
+    frame = run_intervene_stage(config)[6]
     assert len(frame) == 5 * 5
     ones = frame[frame["alpha"] == 1.0]
     assert (ones["delta_ce"] == 0).all() and (ones["kl"] == 0).all()

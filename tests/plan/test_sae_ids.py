@@ -110,10 +110,20 @@ def test_plan_overrides_are_checked_like_params_yaml(tmp_path):
         assert len(result.stderr.strip().splitlines()) == 1, result.stderr
 
 
-def test_plan_says_how_to_run_every_layer_of_a_deeper_preset():
+def test_a_null_layers_is_every_layer_of_the_presets_model():
     from pipeline.core.plan.show import build_plan
 
-    plan = build_plan(parse_params({"preset": "gemma-2-2b"}))  # params.yaml's 12 layers
-    assert "12 of gemma-2-2b's 26 layers" in plan["layers_note"] and "layers=[0,1,2" in plan["layers_note"]
-    assert build_plan(parse_params({"preset": "gemma-2-2b", "layers": GEMMA_LAYERS}))["layers_note"] is None
-    assert build_plan(parse_params({}))["layers_note"] is None
+    assert parse_params({"preset": "gemma-2-2b"}).layers == tuple(range(26))
+    assert parse_params({}).layers == parse_params({"preset": "toy"}).layers == tuple(range(12))
+    plan = build_plan(parse_params({"preset": "gemma-2-2b"}))
+    assert [row["layer"] for row in plan["layers"]] == list(range(26))
+    assert plan["layers_line"] == "0-25 (every layer of gemma-2-2b)"
+    assert build_plan(parse_params({"preset": "gemma-2-2b", "layers": [3, 20]}))["layers_line"] == \
+        "3, 20 (2 of gemma-2-2b's 26)"
+
+
+def test_a_null_layers_with_another_model_asks_for_the_list():
+    with pytest.raises(UserError, match=r"layers is null, .* model is 'data/my_model' .* list the layers") as err:
+        parse_params({"model": "data/my_model"})
+    assert "\n" not in str(err.value)
+    assert parse_params({"model": "data/my_model", "layers": [0, 1]}).layers == (0, 1)

@@ -51,11 +51,11 @@ GOOD_ROWS = "".join(f"{layer},{f},x\n" for layer in (0, 11) for f in range(3))
 
 # (case id, params overrides or a callable(project) -> overrides, command, expected text in the message)
 CASES = [
-    ("unknown key", {"alpah": 2}, ["intervene", "--layer", "0"], "unknown key 'alpah' (did you mean 'alpha'?)"),
+    ("unknown key", {"alpah": 2}, ["intervene"], "unknown key 'alpah' (did you mean 'alpha'?)"),
     ("wrong type", {"max_passages": "many"}, ["tokenize"], "max_passages is 'many' (str); it needs an integer"),
-    ("alpha nan", {"alpha": float("nan")}, ["intervene", "--layer", "0"], "alpha is nan; it needs a finite number"),
+    ("alpha nan", {"alpha": float("nan")}, ["intervene"], "alpha is nan; it needs a finite number"),
     ("sweep inf", {"alpha_sweep": [0, float("inf")]}, ["aggregate"], "alpha_sweep[1] is inf"),
-    ("empty sweep", {"alpha_sweep": []}, ["intervene", "--layer", "0"], "alpha_sweep is []; allowed: a non-empty list"),
+    ("empty sweep", {"alpha_sweep": []}, ["intervene"], "alpha_sweep is []; allowed: a non-empty list"),
     ("max_len < 3", {"max_len": 2}, ["tokenize"], "max_len is 2; allowed: a value >= 3"),
     ("max_len > context", {"max_len": 4096}, ["tokenize"], "max_len is 4096 but the model's context is 128 tokens"),
     ("max_passages < 1", {"max_passages": 0}, ["tokenize"], "max_passages is 0; allowed: a value >= 1"),
@@ -65,12 +65,12 @@ CASES = [
     ("layers empty", {"layers": []}, ["features"], "layers is []; allowed: a non-empty list"),
     ("features_per_layer < 1", {"features_per_layer": 0}, ["features"], "features_per_layer is 0"),
     ("features_per_layer > d_sae", {"features_per_layer": 513}, ["features"], "but layer 0's SAE has 512 features"),
-    ("live_percentile", {"live_percentile": 150}, ["intervene", "--layer", "0"], "live_percentile is 150.0; allowed: a value in [0, 100]"),
-    ("batch_size < 1", {"batch_size": 0}, ["intervene", "--layer", "0"], "batch_size is 0; allowed: a value >= 1"),
+    ("live_percentile", {"live_percentile": 150}, ["intervene"], "live_percentile is 150.0; allowed: a value in [0, 100]"),
+    ("batch_size < 1", {"batch_size": 0}, ["intervene"], "batch_size is 0; allowed: a value >= 1"),
     ("unknown preset", {"preset": "gpt5"}, ["model"], "preset is 'gpt5'; allowed: one of gpt2-small, gemma-2-2b, toy"),
-    ("unknown device", {"device": "gpu"}, ["intervene", "--layer", "0"], "device is 'gpu'; allowed: auto, cpu"),
-    ("unknown dtype", {"dtype": "int8"}, ["intervene", "--layer", "0"], "dtype is 'int8'; allowed: one of float32"),
-    ("cuda where none", {"device": "cuda"}, ["intervene", "--layer", "0"], "device is 'cuda' but CUDA is not available here"),
+    ("unknown device", {"device": "gpu"}, ["intervene"], "device is 'gpu'; allowed: auto, cpu"),
+    ("unknown dtype", {"dtype": "int8"}, ["intervene"], "dtype is 'int8'; allowed: one of float32"),
+    ("cuda where none", {"device": "cuda"}, ["intervene"], "device is 'cuda' but CUDA is not available here"),
     ("csv missing", {"feature_source": "csv", "features_csv": "nope.csv"}, ["features"], "features_csv nope.csv not found"),
     ("csv empty", lambda p: _csv(p, "empty.csv", ""), ["features"], "empty.csv is empty"),
     ("csv missing column", lambda p: _csv(p, "cols.csv", "layer,label\n0,x\n"), ["features"], "lacks column(s) feature"),
@@ -105,6 +105,6 @@ def test_bad_input_is_one_clear_line_and_changes_nothing(study, monkeypatch, cas
 
 def test_debug_shows_the_traceback(study, monkeypatch):
     params = write_params(study, "bad.yaml", device="cuda")
-    result = invoke(study, ["--params", params.name, "--debug", "intervene", "--layer", "0"], monkeypatch)
+    result = invoke(study, ["--params", params.name, "--debug", "intervene"], monkeypatch)
     assert result.exit_code != 0
     assert result.exception is not None and "CUDA is not available" in str(result.exception)

@@ -1,4 +1,4 @@
-"""Unit tests of `check_finite` (stage intervene@L): NaN only where the metric definitions allow it."""
+"""Unit tests of `check_finite` (stage intervene): NaN only where the metric definitions allow it."""
 
 from __future__ import annotations
 

@@ -41,6 +41,22 @@ def test_split_evenly_covers_every_item_once_in_order_in_near_equal_blocks(n_ite
     assert min(sizes) >= 1 and max(sizes) - min(sizes) <= 1 and sizes == sorted(sizes, reverse=True)
 
 
+@pytest.mark.parametrize("counts", [{0: 5}, {0: 5, 6: 5, 11: 5}, {3: 1, 4: 2, 9: 5}, {0: 3, 1: 3}])
+@pytest.mark.parametrize("n_shards", [1, 2, 3, 4, 7, 40])
+def test_intervene_shards_cover_every_feature_once_in_layer_and_feature_order(counts, n_shards):
+    from pipeline.shards.intervene import shard_specs
+
+    specs = shard_specs(counts, n_shards)
+    covered = [(layer, p) for spec in specs for layer in spec["layers"]
+               for p in spec.get("features", range(counts[layer]))]
+    assert covered == [(layer, p) for layer, n in counts.items() for p in range(n)]
+    assert len(specs) == min(n_shards, sum(counts.values()))
+    if n_shards <= len(counts):  # whole layers, the model loaded once per shard
+        assert all("features" not in spec for spec in specs)
+    else:  # each layer cut into blocks; a block never holds two layers
+        assert all(len(spec["layers"]) == 1 for spec in specs)
+
+
 def test_per_feature_batches_never_mix_features_and_match_each_features_own_batches():
     rng = random.Random(0)
     for _ in range(200):
@@ -113,14 +129,14 @@ LAYERS = [0, 6, 11]
 BASE = {"preset": "toy", "layers": LAYERS, "max_passages": 6, "max_len": 20, "features_per_layer": 5,
         "toy_lm_steps": 0, "toy_sae_steps": 0, "max_density": 0.5, "control_draws": 2, "batch_size": 4,
         "generate_tokens": 4, "generate_prompts": ["The", "x = "], "generate_alphas": [0, 4]}
-OUTPUTS = [artifacts.layer_metrics(0), artifacts.layer_detail(0), artifacts.GENERATION_METRICS,
-           artifacts.GENERATIONS]
+OUTPUTS = [*(artifacts.layer_metrics(layer) for layer in LAYERS), *(artifacts.layer_detail(layer) for layer in LAYERS),
+           artifacts.GENERATION_METRICS, artifacts.GENERATIONS]
 
 
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory):
     """A directory with the model, tokens and features of a random toy study, and the bytes the unsharded
-    (default, in-process) intervene@0 and generate write there."""
+    (default, in-process) intervene and generate write there."""
     from pipeline.stages.features import run_features_stage
     from pipeline.stages.model import run_model_stage
     from pipeline.stages.tokenize import run_tokenize_stage
@@ -145,7 +161,7 @@ def run_both(config) -> dict[str, bytes]:
 
     for path in OUTPUTS:
         path.unlink(missing_ok=True)
-    run_intervene_stage(config, 0)
+    run_intervene_stage(config)
     run_generate_stage(config)
     return {str(path): path.read_bytes() for path in OUTPUTS}
 
@@ -160,13 +176,14 @@ def in_toy(toy, monkeypatch):
     return root, baseline
 
 
-@pytest.mark.parametrize("shards", [2, 3, 5])
+@pytest.mark.parametrize("shards", [2, 3, 5, 7])
 def test_shards_run_here_write_the_unsharded_bytes(in_toy, monkeypatch, shards):
+    """Blocks of layers (2, 3 shards) and blocks of one layer's features (5, 7) write the same bytes."""
     root, baseline = in_toy
     monkeypatch.setenv("PIPELINE_SHARDS", str(shards))
     assert run_both(parse_params(BASE)) == baseline
-    record = read_json(artifacts.run_record("intervene_0"))
-    assert record["executor"]["n_shards"] == min(shards, 5)
+    record = read_json(artifacts.run_record("intervene"))
+    assert record["executor"]["n_shards"] == shards and record["layers"] == LAYERS
     assert read_json(artifacts.run_record("generate"))["executor"]["n_shards"] == min(shards, len(LAYERS))
 
 
@@ -177,13 +194,13 @@ def test_submitits_debug_cluster_stores_the_shards_and_a_rerun_reuses_them(in_to
     monkeypatch.setenv("PIPELINE_SHARDS", "3")
     monkeypatch.setenv("PIPELINE_EXECUTOR_DIR", str(tmp_path / "executor"))
     assert run_both(parse_params(BASE)) == baseline
-    first = read_json(artifacts.run_record("intervene_0"))["executor"]
+    first = read_json(artifacts.run_record("intervene"))["executor"]
     assert (first["n_shards"], first["reused"]) == (3, 0)
-    stored = sorted((tmp_path / "executor/store/intervene@0").glob("*.pkl"))
+    stored = sorted((tmp_path / "executor/store/intervene").glob("*.pkl"))
     assert [p.stem for p in stored] == sorted(first["keys"])
 
     assert run_both(parse_params(BASE)) == baseline  # everything from the store
-    again = read_json(artifacts.run_record("intervene_0"))["executor"]
+    again = read_json(artifacts.run_record("intervene"))["executor"]
     assert again["reused"] == 3 and again["keys"] == first["keys"]
     assert read_json(artifacts.run_record("generate"))["executor"]["reused"] == 3
 
@@ -191,8 +208,8 @@ def test_submitits_debug_cluster_stores_the_shards_and_a_rerun_reuses_them(in_to
     changed = parse_params(BASE | {"live_percentile": 50})
     from pipeline.stages.intervene import run_intervene_stage
 
-    run_intervene_stage(changed, 0)
-    other = read_json(artifacts.run_record("intervene_0"))["executor"]
+    run_intervene_stage(changed)
+    other = read_json(artifacts.run_record("intervene"))["executor"]
     assert other["reused"] == 0 and not set(other["keys"]) & set(first["keys"])
     assert artifacts.layer_metrics(0).read_bytes() != baseline[str(artifacts.layer_metrics(0))]
 
@@ -206,13 +223,13 @@ def test_a_changed_input_file_is_never_served_from_the_store(in_toy, monkeypatch
     monkeypatch.setenv("PIPELINE_SHARDS", "2")
     monkeypatch.setenv("PIPELINE_EXECUTOR_DIR", str(tmp_path / "executor"))
     config = parse_params(BASE)
-    run_intervene_stage(config, 0)
-    keys = read_json(artifacts.run_record("intervene_0"))["executor"]["keys"]
+    run_intervene_stage(config)
+    keys = read_json(artifacts.run_record("intervene"))["executor"]["keys"]
     tokens = np.load(artifacts.TOKENS)
     try:
         np.save(artifacts.TOKENS, tokens[::-1].copy())  # the same passages in another order
-        run_intervene_stage(config, 0)
-        record = read_json(artifacts.run_record("intervene_0"))["executor"]
+        run_intervene_stage(config)
+        record = read_json(artifacts.run_record("intervene"))["executor"]
         assert record["reused"] == 0 and not set(record["keys"]) & set(keys)
     finally:
         np.save(artifacts.TOKENS, tokens)

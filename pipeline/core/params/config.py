@@ -45,9 +45,7 @@ class Preset:
     # The SAE id of each layer where the release has several SAEs at one hook (Gemma Scope's widths); applied
     # only while sae_release is the preset's own.
     sae_id_template: str | None = None
-    # The model's depth. dvc.yaml's `foreach: ${layers}` reads params.yaml's list as written, so a preset cannot
-    # change which intervene stages exist: a preset deeper than params.yaml's list names its layers here, and
-    # `plan` and `check` say how to run them all.
+    # The model's depth: a null `layers` studies every layer 0..n_layers-1 (while the model is the preset's own).
     n_layers: int | None = None
 
     def built_sae_id(self, layer: int) -> str:
@@ -201,7 +199,8 @@ class Config:
                                           "newest)", nullable=True, check=_revisions_ok)
     hook: str = param("str", None, "residual hook the SAEs read", nullable=True, check=_choice(HOOKS))
     corpus: str = param("str", None, "wikitext-2, python-docs or a .txt file", nullable=True)
-    layers: tuple[int, ...] = param("int_list", list(range(12)), "layers to intervene at", check=_layers_ok)
+    layers: tuple[int, ...] = param("int_list", None, "layers to intervene at (null: every layer of the preset's "
+                                    "model)", nullable=True, check=_layers_ok)
     alpha: float = param("float", 2.0, "headline scale factor (always in the sweep)")
     # sorted, unique, always contains alpha
     alpha_sweep: tuple[float, ...] = param("float_list", [0.0, 0.5, 1.0, 2.0, 4.0], "scale factors to run", check=_nonempty)
@@ -263,6 +262,8 @@ PRESET_KEYS = tuple(f.name for f in fields(Preset) if f.name in PARAM_SPECS)
 DERIVED_KEYS = {"preset_info": ("preset",), "model_is_local": ("model",), "saes_are_local": ("sae_release",),
                 # a null sae_id_template is the preset's only while sae_release is the preset's own
                 "sae_id_template": ("sae_id_template", "sae_release", "preset"),
+                # a null `layers` is every layer of the preset's model
+                "layers": ("layers", "preset"),
                 # null generate_alphas is resolved from alpha_sweep (as written, not with `alpha` added) and
                 # the intervention's identity: a stage reading it depends on those two keys as well.
                 "generate_alphas": ("generate_alphas", "alpha_sweep", "intervention")}
@@ -383,8 +384,17 @@ def parse_params(raw: Any, source: str = "params.yaml") -> Config:
     values["generate_prompts"] = tuple(values["generate_prompts"])
     sweep = sorted(set(values["alpha_sweep"]) | {values["alpha"]})
     values["alpha_sweep"] = tuple(sweep)
-    values["layers"] = tuple(values["layers"])
+    values["layers"] = tuple(_every_layer(values, preset, source) if values["layers"] is None else values["layers"])
     return Config(**values)
+
+
+def _every_layer(values: dict[str, Any], preset: Preset, source: str) -> list[int]:
+    """A null `layers`: every layer of the preset's model, known before anything loads (Preset.n_layers)."""
+    if values["model"] != preset.model or preset.n_layers is None:
+        raise UserError(f"{source}: layers is null, which means every layer of the preset's model, but model is "
+                        f"{values['model']!r} (preset {values['preset']}: {preset.model!r}); list the layers, e.g. "
+                        "layers: [0, 1, 2]")
+    return list(range(preset.n_layers))
 
 
 def load_config(path: str | Path = PARAMS, overrides: Sequence[str] = ()) -> Config:

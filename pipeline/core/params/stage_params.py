@@ -52,5 +52,6 @@ class StageParams:
         """A view with some values set by the stage itself (derived, not read from params.yaml)."""
         import dataclasses
 
-        keys = tuple(self._keys | set(changes))
+        # a value the stage set itself depends on no param, not even those it is derived from when read
+        keys = tuple(self._keys | set(changes) | {k for name in changes for k in DERIVED_KEYS.get(name, ())})
         return StageParams(dataclasses.replace(self._config, **changes), self._stage, keys)

@@ -41,14 +41,15 @@ def forward_passes(config: Config) -> dict[str, int]:
     }
 
 
-def layers_note(config: Config) -> str | None:
-    """A preset deeper than params.yaml's `layers` (dvc.yaml's foreach reads that list as written): how to run all."""
-    depth = config.preset_info.n_layers
-    if depth is None or len(config.layers) >= depth:
-        return None
-    every = ",".join(str(layer) for layer in range(depth))
-    return (f"{len(config.layers)} of {config.model}'s {depth} layers: dvc.yaml's `foreach: ${{layers}}` runs the "
-            f"layers params.yaml lists; for every layer run with -S 'layers=[{every}]'")
+def layers_line(config: Config) -> str:
+    """Which layers the study runs, and how many the preset's model has (null `layers`: all of them)."""
+    listed = ", ".join(str(layer) for layer in config.layers)
+    depth = config.preset_info.n_layers if config.model == config.preset_info.model else None
+    if depth is None:
+        return f"{listed} ({len(config.layers)})"
+    if tuple(config.layers) == tuple(range(depth)):
+        return f"0-{depth - 1} (every layer of {config.model})"
+    return f"{listed} ({len(config.layers)} of {config.model}'s {depth})"
 
 
 def build_plan(config: Config) -> dict[str, Any]:
@@ -78,7 +79,7 @@ def build_plan(config: Config) -> dict[str, Any]:
              "sae_hook": p.sae_hook, "neuronpedia": p.neuronpedia}
             for p in layers
         ],
-        "layers_note": layers_note(config),
+        "layers_line": layers_line(config),
         "forward_passes": forward_passes(config),
     }
 
@@ -97,8 +98,7 @@ def format_plan(plan: dict[str, Any]) -> str:
     ]
     if plan["hub_revisions"]:
         lines.append("revisions     " + ", ".join(f"{repo}@{commit[:12]}" for repo, commit in plan["hub_revisions"].items()))
-    if plan["layers_note"]:
-        lines.append(f"layers        {plan['layers_note']}")
+    lines.append(f"layers        {plan['layers_line']}")
     id_width = max(28, *(len(row["sae_id"]) for row in plan["layers"]))
     lines += ["", f"{'layer':>5}  {'hook':<26} {'SAE id':<{id_width}} {'SAE reads':<26} neuronpedia"]
     for row in plan["layers"]:
