@@ -196,9 +196,12 @@ SCREEN_COLUMNS: tuple[str, ...] = (
 )
 # data/screen/layer_L.csv, what `features` reads: the same without the headline alpha's columns.
 SCREEN_RANK_COLUMNS: tuple[str, ...] = tuple(c for c in SCREEN_COLUMNS if c not in ("alpha", "est_delta_ce", "verified"))
+# The screen's estimates of a verified feature's delta_ce: the `screen_estimator` value that asks for it -> its column
+# in verification.csv (and its name in agreement.csv's `estimator`). first_order is always verified.
+SCREEN_ESTIMATES: dict[str, str] = {"first_order": "estimate", "second_order": "estimate_2"}
 # metrics/screen/verification.csv: one row per verified feature and value of the sweep (pipeline.engine.screen_check).
 SCREEN_VERIFICATION_COLUMNS: tuple[str, ...] = (
-    "layer", "feature", "group", "alpha", "n_firing", "density", "slope_delta_ce", "estimate", "estimate_2", "exact",
+    "layer", "feature", "group", "alpha", "n_firing", "density", "slope_delta_ce", *SCREEN_ESTIMATES.values(), "exact",
 )
 # metrics/screen/agreement.csv: per (layer, alpha, estimator, subset) (pipeline.stats.screen_agreement).
 SCREEN_AGREEMENT_COLUMNS: tuple[str, ...] = (

@@ -25,6 +25,8 @@ from pipeline.core.io import read_json
 from pipeline.core.params.config import Config
 from pipeline.core.plan.record import ModelRecord
 
+# The stages before the report whose run records (data/runs/<stage>.json) it reads, in pipeline order.
+RUN_STAGES = ("model", "tokenize", "screen", "features", "intervene", "generate", "aggregate", "plot")
 
 @dataclass(frozen=True)
 class ReportInputs:
@@ -91,8 +93,7 @@ def load_inputs(config: Config) -> ReportInputs:
         "kl_heatmap": artifacts.need(artifacts.KL_HEATMAP_PNG, "plot"),
     }
 
-    stages = ["model", "tokenize", "screen", "features", "intervene", "generate", "aggregate", "plot"]
-    runs = {s: read_json(artifacts.run_record(s)) for s in stages if artifacts.run_record(s).exists()}
+    runs = {s: read_json(artifacts.run_record(s)) for s in RUN_STAGES if artifacts.run_record(s).exists()}
 
     return ReportInputs(alpha=config.alpha, layers=tuple(config.layers), live_percentile=config.live_percentile,
                         model=model, tokens=tokens, features=features, per_feature=per_feature, summary=summary,

@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from pipeline.core.modes import MODES
-from pipeline.report.inputs import ReportInputs, dvc_description, git_revision
+from pipeline.report.inputs import RUN_STAGES, ReportInputs, dvc_description, git_revision
 from pipeline.report.text import h, integer, md, raw_html, seconds
 
 SHA_SHOWN = 12
@@ -139,7 +139,7 @@ def run_rows(inputs: ReportInputs, rendered_by: str) -> list[tuple[str, str]]:
 def wall_time_rows(inputs: ReportInputs) -> list[tuple[str, str, str, str]]:
     """(stage, wall time, started, note) of each stage that ran before the report."""
     rows, total = [], 0.0
-    for stage in ("model", "tokenize", "screen", "features", "intervene", "generate", "aggregate", "plot"):
+    for stage in RUN_STAGES:
         if stage in inputs.runs:
             record = inputs.runs[stage]
             total += float(record.get("wall_s", 0.0))

@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.core import artifacts
+from pipeline.core.columns import SCREEN_ESTIMATES
 from pipeline.report.inputs import ReportInputs
 from pipeline.report.text import h, integer, num, one_line, pct, raw_html
 
@@ -75,7 +76,7 @@ def _figure(table: pd.DataFrame, chosen: list[int], rows: pd.DataFrame, layer: i
                     f' alt="{h(caption)}">\n<figcaption>{h(caption)}</figcaption></figure>')
 
 
-ESTIMATOR_WORDS = {"estimate": "first order", "estimate_2": "second order"}
+ESTIMATOR_WORDS = {column: name.replace("_", " ") for name, column in SCREEN_ESTIMATES.items()}
 
 
 def _agreement_table(agreement: pd.DataFrame) -> str:
@@ -93,7 +94,7 @@ def _where_it_holds(agreement: pd.DataFrame) -> str:
     """The agreement near alpha = 1 and at the farthest alpha (sample subset), for each estimate verified."""
     said = [_where_one_holds(agreement, estimator) for estimator in ESTIMATOR_WORDS
             if (agreement["estimator"] == estimator).any()]
-    return " ".join(said) if said else _where_one_holds(agreement, "estimate")
+    return " ".join(said) if said else _where_one_holds(agreement, SCREEN_ESTIMATES["first_order"])
 
 
 def _where_one_holds(agreement: pd.DataFrame, estimator: str) -> str:
@@ -127,7 +128,7 @@ def screen_fragment(inputs: ReportInputs) -> str:
         "are then run exactly at every α of the sweep"
         + (", beside a second-order estimate that adds the curvature of the loss along each verified feature's push, "
            "(α − 1)²/2 · vᵀHv (one double backward per feature: too costly for the whole dictionary). "
-           if (agreement["estimator"] == "estimate_2").any() else ". ")
+           if (agreement["estimator"] == SCREEN_ESTIMATES["second_order"]).any() else ". ")
         + _where_it_holds(agreement)
         + f"All numbers: `{artifacts.SCREEN_DIR}/` (docs/screen.md).\n",
         "## Agreement of estimate and exact ΔCE\n",

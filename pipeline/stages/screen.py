@@ -24,7 +24,7 @@ from typing import Any
 import pandas as pd
 
 from pipeline.core import artifacts
-from pipeline.core.columns import SCREEN_AGREEMENT_SUMMARY
+from pipeline.core.columns import SCREEN_AGREEMENT_SUMMARY, SCREEN_ESTIMATES
 from pipeline.core.errors import UserError
 from pipeline.core.params.config import Config
 from pipeline.core.params.stage_params import StageParams
@@ -39,6 +39,8 @@ from pipeline.stats.screen_agreement import agreement
 # `preset` with `layers`: a null `layers` is the preset's every layer.
 PARAMS = ("layers", "preset", "alpha", "alpha_sweep", "screen_top_k", "screen_random", "screen_estimator", "seed",
           "batch_size", "device", "dtype")
+FIRST_ORDER = SCREEN_ESTIMATES["first_order"]
+ESTIMATE_NAMES = {column: name for name, column in SCREEN_ESTIMATES.items()}
 SCALE_IDENTITY = 1.0  # alpha = 1 is the clean model: estimate and exact are both 0 there
 
 
@@ -49,7 +51,7 @@ def agreement_summary(table: pd.DataFrame) -> dict[str, Any]:
     for row in table.itertuples(index=False):
         figures = {key: getattr(row, key) for key in SCREEN_AGREEMENT_SUMMARY}
         figures = {key: None if isinstance(v, float) and math.isnan(v) else v for key, v in figures.items()}
-        name = row.subset if row.estimator == "estimate" else f"{row.subset}_second_order"
+        name = row.subset if row.estimator == FIRST_ORDER else f"{row.subset}_{ESTIMATE_NAMES[row.estimator]}"
         out.setdefault(f"layer_{row.layer}", {}).setdefault(f"alpha_{row.alpha:g}", {})[name] = figures
     return out
 

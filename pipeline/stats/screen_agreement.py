@@ -22,7 +22,7 @@ import math
 import numpy as np
 import pandas as pd
 
-from pipeline.core.columns import SCREEN_AGREEMENT_COLUMNS
+from pipeline.core.columns import SCREEN_AGREEMENT_COLUMNS, SCREEN_ESTIMATES
 
 SUBSETS = ("random", "all")
 
@@ -78,7 +78,7 @@ def agreement_figures(estimate: np.ndarray, exact: np.ndarray, per_firing_scale:
 def agreement(rows: pd.DataFrame, n_scored: int, top_n: int, identity: float = 1.0) -> pd.DataFrame:
     """Per (layer, alpha, estimator, subset): the agreement figures of verify_layer's rows (alpha = identity,
     where estimate and exact are both 0, is left out)."""
-    estimators = [c for c in ("estimate", "estimate_2") if c in rows and rows[c].notna().any()]
+    estimators = [c for c in SCREEN_ESTIMATES.values() if c in rows and rows[c].notna().any()]
     out = []
     for (layer, alpha), frame in rows[rows["alpha"] != identity].groupby(["layer", "alpha"], sort=True):
         for estimator in estimators:

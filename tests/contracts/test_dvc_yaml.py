@@ -76,3 +76,9 @@ def test_every_cached_output_is_ignored_by_the_root_gitignore():
 
     tracked = [p for p in sorted(paths) if not ignored(p)]
     assert tracked == [], f"add to .gitignore: {tracked}"
+
+
+def test_the_report_reads_the_run_record_of_every_stage_before_it():
+    from pipeline.report.inputs import RUN_STAGES
+
+    assert list(RUN_STAGES) == [name for name in STAGES if name != "report"]

@@ -20,6 +20,7 @@ from typing import Any
 
 import yaml
 
+from pipeline.core.columns import SCREEN_ESTIMATES
 from pipeline.core.errors import UserError
 from pipeline.core.modes import MODE_NAMES, MODES
 
@@ -222,7 +223,7 @@ class Config:
                                check=_range(0))
     screen_estimator: str = param("str", "second_order", "screen: the estimates verified against exact runs: first_order "
                                   "((alpha-1) slope), or second_order (also adding (alpha-1)^2/2 of the curvature, "
-                                  "for the verified features only)", check=_choice(("first_order", "second_order")))
+                                  "for the verified features only)", check=_choice(tuple(SCREEN_ESTIMATES)))
     live_percentile: float = param("float", 90.0, "percentile of activation defining live positions", check=_range(0, 100))
     top_k_tokens: int = param("int", 10, "promoted/suppressed tokens kept per feature", check=_range(1))
     n_snippets: int = param("int", 5, "top-activating contexts kept per feature", check=_range(0))
