@@ -11,15 +11,17 @@
 # per layer verified exactly at every alpha): the breakdown prints its pass and its verification apart, and each
 # JSON carries metrics/screen/agreement.json as `screen_agreement` (on the twin's random weights for the first, the
 # real weights for the second). 3. The screen against its forward+backward floor on all 12 GPT-2-Small-shaped layers
-# (benchmarks/screen_timing.py, 200 x 256 tokens) -> OUT_DIR/screen-timing.json.
+# (benchmarks/screen_timing.py, 200 x 256 tokens) -> OUT_DIR/screen-timing.json. 4. The engine alone on the full
+# shape, layer by layer (`python -m pipeline bench --full --skip-plain`): its time and peak GPU memory without and
+# with the default 8 random-direction controls, and in bfloat16 and float16 -> OUT_DIR/bench-full.{log,json}.
 #
 #   bash benchmarks/gpu_full_study.sh [OUT_DIR]      # from the repository root, requirements installed
 #
 # Expected: the gpt2-small twin study took under 8 minutes on an H100-class GPU before the screen stage existed
 # (about 1 minute of it building the twin); with the screen and its second-order verification (screen_estimator) it
 # has not been timed on a GPU yet, nor has the Gemma study (the first run downloads ~18 GB).
-# Writes OUT_DIR/gpu.txt (the card), OUT_DIR/full-study.{log,json}, OUT_DIR/screen-timing.json and
-# OUT_DIR/gemma-full-study.{log,json}.
+# Writes OUT_DIR/gpu.txt (the card), OUT_DIR/full-study.{log,json}, OUT_DIR/screen-timing.json,
+# OUT_DIR/bench-full.{log,json} and OUT_DIR/gemma-full-study.{log,json}.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-benchmarks/gpu-$(date +%F)}
@@ -32,6 +34,7 @@ python benchmarks/stage_breakdown.py --scale full --out "$out/full-study.json" 2
 echo "end to end, twin build included: $(( $(date +%s) - start )) s" | tee -a "$out/full-study.log"
 python benchmarks/screen_timing.py --layers all --passages 200 --max-len 256 --batch 8 --device cuda \
   > "$out/screen-timing.json"
+python -m pipeline bench --device cuda --full --skip-plain --out "$out/bench-full.json" 2>&1 | tee "$out/bench-full.log"
 
 if [ "${SKIP_GEMMA:-0}" != 1 ]; then
   start=$(date +%s)

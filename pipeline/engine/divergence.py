@@ -73,13 +73,25 @@ def clean_side(logits: Float32[Tensor, "pos d_vocab"], targets: Int[Tensor, " po
     return lse, lse - logits.gather(1, targets[:, None]).squeeze(1).double(), total
 
 
+ROW_ALIGN = 16  # elements: a row of float32 logits starts on a 64-byte boundary
+
+
+def aligned_rows(rows: int, cols: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """An empty [rows x cols] tensor whose rows start every `cols` rounded up to ROW_ALIGN elements: a view of a
+    wider buffer. A matrix product writing GPT-2's 50,257 logits a row runs 30% faster into rows of 50,272
+    (measured on this repo's CPU: MKL's stores to an odd leading dimension), and the values are the same."""
+    stride = -(-cols // ROW_ALIGN) * ROW_ALIGN
+    return torch.empty((rows, stride), dtype=dtype, device=device)[:, :cols]
+
+
 class Workspace:
     """Buffers allocated once per run, so no [positions x vocab] tensor is allocated per row (a fresh 25-100 MB
     tensor per call costs more in page faults than the arithmetic on it): float32 logits (or their changes) of up
-    to `positions` positions, and two wide [piece x vocab] buffers for the kernel."""
+    to `positions` positions, in aligned rows (`aligned_rows`), and two wide [piece x vocab] buffers for the
+    kernel."""
 
     def __init__(self, positions: int, piece: int, d_vocab: int, wide: torch.dtype, device: torch.device):
-        self.logits = torch.empty((positions, d_vocab), dtype=torch.float32, device=device)
+        self.logits = aligned_rows(positions, d_vocab, torch.float32, device)
         self.diff = torch.empty((piece, d_vocab), dtype=wide, device=device)
         self.phi = torch.empty((piece, d_vocab), dtype=wide, device=device)
 

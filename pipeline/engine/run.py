@@ -16,7 +16,9 @@ computes the same numbers with less work, each shortcut exact (tests/engine/test
 5. One encoder column per feature for column-separable SAEs (pipeline.engine.forward).
 6. Each row is scored against its own passage's clean distribution through views, never a gathered
    [positions x vocab] copy; logits come in position chunks of at most `chunk_elems` floats, into
-   buffers allocated once, so memory stays bounded; the unembedding weight is laid out once
+   buffers allocated once, so memory stays bounded, whose rows start on 64-byte boundaries
+   (pipeline.engine.divergence.aligned_rows: a third faster to write for GPT-2's odd vocabulary size, the
+   same bits); the unembedding weight is laid out once
    (pipeline.engine.forward). For a float32 model the rows unembed the change of their final
    residual, (h_int - h_clean) W_U, which is what the scoring needs, and the chunks of several
    rows of one feature share one unembedding call (pipeline.engine.segments).

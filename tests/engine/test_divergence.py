@@ -143,6 +143,29 @@ def test_unembedding_into_a_buffer_is_the_same_bits():
     assert torch.equal(fwd.unembed_into(model, final, out), model.unembed(final))  # autograd on: by a copy
 
 
+@pytest.mark.parametrize("cols", [1, 15, 16, 50257])
+def test_aligned_rows_are_a_view_whose_rows_start_on_the_alignment(cols):
+    rows = dv.aligned_rows(3, cols, torch.float32, torch.device("cpu"))
+    assert rows.shape == (3, cols) and rows.stride(1) == 1
+    assert rows.stride(0) % dv.ROW_ALIGN == 0 and cols <= rows.stride(0) < cols + dv.ROW_ALIGN
+    assert dv.Workspace(4, 2, cols, torch.float64, torch.device("cpu")).logits.stride(0) == rows.stride(0)
+
+
+def test_unembedding_into_aligned_rows_is_the_same_bits_as_into_contiguous_ones():
+    """The engine's logits buffer (`Workspace.logits`) has aligned rows: the products written there, in place,
+    are those of a contiguous output (random weights and residuals of GPT-2's shapes, pieces of several sizes)."""
+    model = build_model(d_vocab=50257)
+    g = torch.Generator().manual_seed(3)
+    with torch.inference_mode():
+        for n in (1, 5, 40):
+            final = torch.randn(n, model.cfg.d_model, generator=g)
+            out = dv.aligned_rows(n, model.cfg.d_vocab, torch.float32, torch.device("cpu"))
+            assert fwd.unembed_into(model, final, out).data_ptr() == out.data_ptr()
+            assert torch.equal(out, fwd.unembed(model, final))
+            fwd.unembed_difference_into(model, final, out)
+            assert torch.equal(out, fwd.unembed_difference_into(model, final, torch.empty(n, model.cfg.d_vocab)))
+
+
 @pytest.mark.parametrize("shortcuts", [True, False])
 def test_the_engine_scores_as_the_float64_log_softmax_does(shortcuts, monkeypatch):
     """The whole engine, kernel against reference scoring on the same logits (the route of models whose logits are
