@@ -151,6 +151,12 @@ def test_aligned_rows_are_a_view_whose_rows_start_on_the_alignment(cols):
     assert dv.Workspace(4, 2, cols, torch.float64, torch.device("cpu")).logits.stride(0) == rows.stride(0)
 
 
+def test_rows_are_aligned_everywhere_but_on_mps():
+    assert dv.row_stride(50257, torch.device("cpu")) == 50272 == dv.row_stride(50257, torch.device("cuda"))
+    assert dv.row_stride(50272, torch.device("cpu")) == 50272
+    assert dv.row_stride(50257, torch.device("mps")) == 50257  # MPS has written wrong values into strided outputs
+
+
 def test_unembedding_into_aligned_rows_is_the_same_bits_as_into_contiguous_ones():
     """The engine's logits buffer (`Workspace.logits`) has aligned rows: the products written there, in place,
     are those of a contiguous output (random weights and residuals of GPT-2's shapes, pieces of several sizes)."""
