@@ -136,8 +136,14 @@ def run_rows(inputs: ReportInputs, rendered_by: str) -> list[tuple[str, str]]:
     ]
 
 
+SUM_ROW = "sum"
+WALL_TIME_CAPTION = ("Wall time per stage (data/runs/): each stage's last run. A stage DVC reused rather than rerunning "
+                     "shows the run that made its outputs (see Started), so the sum can span several runs.")
+
+
 def wall_time_rows(inputs: ReportInputs) -> list[tuple[str, str, str, str]]:
-    """(stage, wall time, started, note) of each stage that ran before the report."""
+    """(stage, wall time, started, note) of each stage that ran before the report, and their sum. A stage DVC did
+    not rerun keeps the record of the run that made its outputs, so the sum can span several runs."""
     rows, total = [], 0.0
     for stage in RUN_STAGES:
         if stage in inputs.runs:
@@ -147,7 +153,7 @@ def wall_time_rows(inputs: ReportInputs) -> list[tuple[str, str, str, str]]:
             rows.append((stage, seconds(record.get("wall_s")), str(record.get("started_utc", "")), note))
         else:
             rows.append((stage, "–", "", "no record in data/runs/"))
-    rows.append(("total", seconds(total), "", ""))
+    rows.append((SUM_ROW, seconds(total), "", ""))
     return rows
 
 
@@ -156,10 +162,10 @@ def run_fragment(inputs: ReportInputs, rendered_by: str) -> str:
     table += [f"<tr><th>{h(k)}</th><td>{v}</td></tr>" for k, v in run_rows(inputs, rendered_by)]
     table.append("</tbody></table>")
     times = ['<table class="times" data-quarto-disable-processing="true">',
-             "<caption>Wall time per stage (data/runs/)</caption>",
+             f"<caption>{h(WALL_TIME_CAPTION)}</caption>",
              "<thead><tr><th>Stage</th><th class=\"num\">Wall time</th><th>Started (UTC)</th><th>Note</th></tr></thead>",
              "<tbody>"]
-    times += [f'<tr{" class=total" if s == "total" else ""}><td>{h(s)}</td><td class="num">{h(w)}</td>'
+    times += [f'<tr{" class=total" if s == SUM_ROW else ""}><td>{h(s)}</td><td class="num">{h(w)}</td>'
               f'<td>{h(t)}</td><td class="muted">{h(n)}</td></tr>' for s, w, t, n in wall_time_rows(inputs)]
     times.append("</tbody></table>")
     return raw_html("\n".join(table)) + "\n" + raw_html("\n".join(times))

@@ -108,6 +108,21 @@ def test_the_report_stage_writes_no_run_record(study):
     assert (root / artifacts.run_record("plot")).exists()
 
 
+def test_the_wall_time_table_sums_the_records_and_says_they_can_come_from_several_runs(study):
+    from types import SimpleNamespace
+
+    from pipeline.report.run_section import SUM_ROW, WALL_TIME_CAPTION, wall_time_rows
+    from pipeline.report.text import seconds
+
+    _, _, _, _, page = study
+    assert WALL_TIME_CAPTION in " ".join(" ".join(page.section_text[s]) for s in page.section_text)
+    runs = {"model": {"wall_s": 300.0, "started_utc": "2026-12-08T03:06:23Z"},  # reused from an earlier run
+            "intervene": {"wall_s": 6.5, "started_utc": "2026-12-08T04:14:37Z", "layers": [3, 7]}}
+    rows = wall_time_rows(SimpleNamespace(runs=runs))
+    assert [r[0] for r in rows][:2] == ["model", "tokenize"] and rows[1][3] == "no record in data/runs/"
+    assert rows[-1] == (SUM_ROW, seconds(306.5), "", "")
+
+
 def test_every_image_is_a_data_uri(study):
     images = [attrs for tag, attrs in study[4].elements if tag == "img"]
     assert len(images) >= 4
